@@ -1,0 +1,395 @@
+"""REOrder, the vendorable core: patch orderings, a Plackett-Luce policy over them, a windowed ViT.
+
+Paper: "REOrdering Patches Improves Vision Models" (Kutscher et al., arXiv 2505.23751, NeurIPS 2025).
+This file imports only torch and the standard library; copy it into your project as it is.
+
+Conventions. An image of h x w patches has patch ids r * w + c (row-major, as x.flatten(2) gives).
+An ordering is a permutation `perm` of length N = h * w: perm[k] is the id of the patch placed at
+sequence slot k, so `tokens[:, perm]` reorders a [B, N, D] sequence and `argsort(perm)` gives each
+patch's slot. The layout follows the paper: orderings (§3), the policy (§5), the model.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------------
+# §3 Orderings. Where the paper's text and its released code disagree we follow the code, whose
+# orderings produced the published numbers (spiral ends in the centre; diagonals run along c - r).
+# --------------------------------------------------------------------------------------------------
+
+ORDERS = ("row", "column", "hilbert", "spiral", "diagonal", "snake")
+
+
+def grid_size(img_size: Union[int, Tuple[int, int]], patch_size: int) -> Tuple[int, int]:
+    """(h, w) patches of an image of `img_size` (int or (H, W)); a one-line ValueError if it does not fit."""
+    H, W = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if patch_size < 1 or H < patch_size or W < patch_size or H % patch_size or W % patch_size:
+        raise ValueError(f"image size {H}x{W} is not divisible by patch size {patch_size}: "
+                         f"choose an image size that is a multiple of the patch size")
+    return H // patch_size, W // patch_size
+
+
+def _hilbert_cells(h, w):
+    """Cells (r, c) of a generalized Hilbert curve over any h x w grid (Červený's "gilbert" idea).
+
+    A region is an origin plus a major vector `a` and a minor vector `b` (each axis-aligned). The curve
+    enters at the origin and leaves at the far end of `a`, on the same side. A long, thin region is cut
+    across `a` into two halves walked the same way; any other is cut into three: up `b` to half height,
+    across the full `a`, and back down, so each piece again enters and leaves at its own ends. Halves
+    are made even where possible, which keeps every step between grid neighbours; grids with one odd
+    and one even side can need one diagonal step.
+    """
+    cells = []
+
+    def sign(x):
+        return (x > 0) - (x < 0)
+
+    def walk(r, c, ar, ac, br, bc):
+        len_a, len_b = abs(ar + ac), abs(br + bc)
+        ua, ub = (sign(ar), sign(ac)), (sign(br), sign(bc))
+        if len_b == 1 or len_a == 1:  # a single line of cells
+            (dr, dc), n = (ua, len_a) if len_b == 1 else (ub, len_b)
+            cells.extend((r + i * dr, c + i * dc) for i in range(n))
+            return
+        har, hac, hbr, hbc = ar // 2, ac // 2, br // 2, bc // 2
+        if 2 * len_a > 3 * len_b:  # long region: two halves along a
+            if abs(har + hac) % 2 and len_a > 2:
+                har, hac = har + ua[0], hac + ua[1]
+            walk(r, c, har, hac, br, bc)
+            walk(r + har, c + hac, ar - har, ac - hac, br, bc)
+        else:  # up b, across a, down b
+            if abs(hbr + hbc) % 2 and len_b > 2:
+                hbr, hbc = hbr + ub[0], hbc + ub[1]
+            walk(r, c, hbr, hbc, har, hac)
+            walk(r + hbr, c + hbc, ar, ac, br - hbr, bc - hbc)
+            walk(r + (ar - ua[0]) + (hbr - ub[0]), c + (ac - ua[1]) + (hbc - ub[1]),
+                 -hbr, -hbc, -(ar - har), -(ac - hac))
+
+    if h >= w:
+        walk(0, 0, h, 0, 0, w)  # major axis down the rows: top-left to bottom-left
+    else:
+        walk(0, 0, 0, w, h, 0)  # major axis along the columns: top-left to top-right
+    return cells
+
+
+def _spiral_ids(h, w):
+    """Clockwise from the top-left corner, turning at the border or at a visited cell."""
+    seen, ids = set(), []
+    r, c, dr, dc = 0, 0, 0, 1
+    for _ in range(h * w):
+        ids.append(r * w + c)
+        seen.add((r, c))
+        if not (0 <= r + dr < h and 0 <= c + dc < w) or (r + dr, c + dc) in seen:
+            dr, dc = dc, -dr  # turn clockwise
+        r, c = r + dr, c + dc
+    return ids
+
+
+def order(name: str, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """The ordering `name` of an h x w patch grid (§3): LongTensor [h*w], perm[k] = patch id at slot k.
+
+    `name` is one of ORDERS or "random" (a fixed permutation drawn from `seed`). Exact 4 x 4 sequences:
+    row 0 1 2 3 ..., column 0 4 8 12 1 ..., hilbert 0 4 5 1 2 3 7 6 ..., spiral 0 1 2 3 7 11 15 ...,
+    diagonal 12 8 13 4 9 14 0 ..., snake 0 1 4 8 5 2 3 6 ...
+    """
+    if not (isinstance(h, int) and isinstance(w, int) and h >= 1 and w >= 1):
+        raise ValueError(f"grid must be at least 1 x 1 patches, got {h} x {w}")
+    ids = torch.arange(h * w)
+    r, c = ids // w, ids % w
+    if name == "row":
+        return ids
+    if name == "column":
+        return torch.argsort(c * h + r)
+    if name == "hilbert":
+        return torch.tensor([r_ * w + c_ for r_, c_ in _hilbert_cells(h, w)])
+    if name == "spiral":
+        return torch.tensor(_spiral_ids(h, w))
+    if name == "diagonal":  # diagonals c - r from bottom-left to top-right, each walked downwards
+        return torch.argsort((c - r + h - 1) * h + r)
+    if name == "snake":  # JPEG zig-zag: anti-diagonal s = r + c, even s left to right, odd s right to left
+        s = r + c
+        return torch.argsort(s * w + torch.where(s % 2 == 0, c, w - 1 - c))
+    if name == "random":
+        return torch.randperm(h * w, generator=torch.Generator().manual_seed(seed))
+    raise ValueError(f"unknown order {name!r}: choose one of {', '.join(ORDERS + ('random',))}")
+
+
+def check_perm(perm: torch.Tensor, n: int) -> torch.Tensor:
+    """`perm` if it is a permutation of 0..n-1 (shape [n] or [B, n]), else a one-line ValueError."""
+    if perm.dtype != torch.long or perm.shape[-1:] != (n,) or perm.dim() not in (1, 2):
+        raise ValueError(f"an order must be a LongTensor of shape [{n}] or [B, {n}], "
+                         f"got {perm.dtype} {tuple(perm.shape)}")
+    if not torch.equal(perm.sort(-1).values, torch.arange(n, device=perm.device).expand_as(perm)):
+        raise ValueError(f"the order is not a permutation of 0..{n - 1}")
+    return perm
+
+
+def permute(tokens: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Reorder tokens [B, N, D] by perm [N] (one order for the batch) or [B, N] (one per image)."""
+    if perm.dim() == 1:
+        return tokens[:, perm]
+    return tokens.gather(1, perm.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+# --------------------------------------------------------------------------------------------------
+# §5 The policy: a Plackett-Luce distribution over permutations, one logit per patch, trained by
+# REINFORCE. Two deliberate departures from the released code (bugs there): from_order() inverts the
+# ramp so that argsort of the logits gives the order back, and samples are scored under the same
+# logits / tau that drew them.
+# --------------------------------------------------------------------------------------------------
+
+class PlackettLuce(nn.Module):
+    """p(σ) = Π_k exp(s_σk / τ) / Σ_{j≥k} exp(s_σj / τ), over permutations σ of N patches (§5)."""
+
+    def __init__(self, num_patches: int):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(num_patches, dtype=torch.float32))
+
+    @classmethod
+    def from_order(cls, perm: torch.Tensor) -> "PlackettLuce":
+        """Policy whose mode is `perm`: s[perm[k]] = -k / (N - 1), a ramp in slot order."""
+        n = perm.numel()
+        policy = cls(n)
+        with torch.no_grad():
+            policy.logits[perm] = -torch.arange(n, dtype=torch.float32) / max(n - 1, 1)
+        return policy
+
+    def log_prob(self, perm: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+        """log p(perm) under logits / tau for perm [N] -> [] or [B, N] -> [B] (float32, any logits)."""
+        s = self.logits.float()[perm] / tau
+        # log Σ_{j≥k} exp(s_σj): a cumulative logsumexp over the sequence read backwards
+        tail = torch.logcumsumexp(s.flip(-1), dim=-1).flip(-1)
+        return (s - tail).sum(-1)
+
+    def sample(self, batch_size: int, tau: float, generator: Optional[torch.Generator] = None):
+        """(perm [B, N], log_prob [B]) by Gumbel-top-k: argsort(s / tau + g), g ~ Gumbel(0, 1).
+
+        An exact Plackett-Luce sample with logits s / tau, scored under the same logits. tau <= 0 gives
+        the mode for every row and a zero log-prob (no sampling, no policy gradient).
+        """
+        n = self.logits.numel()
+        if tau <= 0:
+            return self.mode().expand(batch_size, n).clone(), self.logits.new_zeros(batch_size)
+        u = torch.rand(batch_size, n, device=self.logits.device, generator=generator)
+        tiny = torch.finfo(u.dtype).tiny
+        gumbel = -torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-7)))  # never log(0)
+        perm = torch.argsort(self.logits.detach().float() / tau + gumbel, dim=-1, descending=True)
+        return perm, self.log_prob(perm, tau)
+
+    def mode(self) -> torch.Tensor:
+        """The most likely permutation: argsort of the logits, descending. [N]"""
+        return torch.argsort(self.logits.detach(), descending=True, stable=True)
+
+
+def reinforce_loss(log_prob: torch.Tensor, reward: torch.Tensor, baseline) -> torch.Tensor:
+    """-mean((r - b) · log p(σ)) (§5): its gradient estimates -∇ E[r] without bias when b does not
+    depend on σ. reward [B], baseline scalar or [B], log_prob [B] (one order per image) or [] (per batch)."""
+    advantage = (reward - baseline).detach()
+    return -(advantage * log_prob).mean()
+
+
+class EMABaseline:
+    """Exponential moving average of the batch-mean reward (§5, momentum 0.99 as in the paper).
+
+    Call it once per step with the step's mean reward: it returns the baseline for this step, built
+    from earlier steps only (so it stays unbiased), then folds the new reward in. The first step's
+    baseline is its own mean reward, so the first update has zero mean advantage instead of a jolt.
+    """
+
+    def __init__(self, momentum: float = 0.99):
+        self.momentum, self.value = momentum, None
+
+    def __call__(self, mean_reward: float) -> float:
+        baseline = mean_reward if self.value is None else self.value
+        self.value = self.momentum * baseline + (1 - self.momentum) * mean_reward
+        return baseline
+
+    def state_dict(self):
+        return {"momentum": self.momentum, "value": self.value}
+
+    def load_state_dict(self, state):
+        self.momentum, self.value = state["momentum"], state["value"]
+
+
+def loo_baseline(reward: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out baseline b_i = mean_{j≠i} r_j for one order per image (Kool et al., 2019). [B] -> [B]"""
+    b = reward.numel()
+    if b < 2:
+        raise ValueError("the leave-one-out baseline needs at least 2 images per batch")
+    return (reward.sum() - reward) / (b - 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model: a ViT whose attention reaches ±window slots of the (reordered) sequence plus a global CLS
+# token, the paper's Longformer case. The position embedding belongs to the patch, not the slot, so
+# full attention is exactly order-invariant and every effect of the order comes from the window.
+# --------------------------------------------------------------------------------------------------
+
+def window_mask(n: int, window: int, device=None) -> torch.Tensor:
+    """Boolean [1+n, 1+n] mask, True = may attend: token 0 (CLS) is global, tokens 1..n see ±window."""
+    pos = torch.arange(1 + n, device=device)
+    mask = (pos[:, None] - pos[None, :]).abs() <= window
+    mask[0, :] = True
+    mask[:, 0] = True
+    return mask
+
+
+def banded_attention(q, k, v, window: int, chunk: Optional[int] = None):
+    """Windowed attention in O(N · window) time and memory, equal to dense attention under window_mask.
+
+    q, k, v: [B, H, 1+N, d], token 0 global. The N tokens are cut into m chunks of C >= window slots
+    (default max(16, window)). Keys and values are laid out as one strip in which every chunk is
+    preceded by a copy of CLS: [CLS, chunk 0, CLS, chunk 1, ...]. The keys a chunk's queries may need
+    (CLS, then its chunk and `window` tokens either side) are then one contiguous stretch of that
+    strip, so all m key blocks are overlapping strided views of it, never copies, and one call of the
+    fused attention kernel scores each query against C + 2·window + 2 keys instead of N. Each stretch
+    also holds the next chunk's CLS copy, which the mask hides. Returns [B, H, 1+N, d].
+    """
+    B, H, L, d = q.shape
+    n = L - 1
+    C = max(chunk or max(16, window), window)
+    m = -(-n // C)
+    pad = m * C - n
+    K = C + 2 * window + 2  # strip slots around a chunk: window, CLS, C tokens, next CLS, window
+    out_cls = F.scaled_dot_product_attention(q[:, :, :1], k, v)  # CLS attends to everything
+
+    def key_blocks(x):  # [B, H, 1+N, d] -> [B*H, m, K, d], views into the strip
+        tokens = F.pad(x[:, :, 1:], (0, 0, 0, pad)).view(B, H, m, C, d)
+        strip = torch.cat([x[:, :, :1, None].expand(B, H, m, 1, d), tokens], dim=3)
+        strip = F.pad(strip.view(B, H, m * (C + 1), d), (0, 0, window, window + 1))
+        return strip.unfold(2, K, C + 1).transpose(-1, -2).reshape(B * H, m, K, d)
+
+    # Key u of chunk j sits r = u - window strip slots after the chunk's CLS copy: r = 0 is that CLS,
+    # r = C + 1 the next chunk's, any other r a token, at sequence slot j*C + r minus the CLS copies
+    # passed. Query i of chunk j is at slot j*C + i.
+    i, u, j = torch.arange(C, device=q.device)[:, None], torch.arange(K, device=q.device), \
+        torch.arange(m, device=q.device)[:, None, None]
+    r = u - window
+    slot = j * C + r - (r > 0).long() - (r > C + 1).long()
+    is_token = (r != 0) & (r != C + 1)
+    allowed = (r == 0) | (is_token & ((slot - j * C - i).abs() <= window) & (slot >= 0) & (slot < n))
+    q_tok = F.pad(q[:, :, 1:], (0, 0, 0, pad)).reshape(B * H, m, C, d)
+    out = F.scaled_dot_product_attention(q_tok, key_blocks(k), key_blocks(v),
+                                         attn_mask=allowed[None])  # 4-D, as the fused CPU kernel requires
+    return torch.cat([out_cls, out.reshape(B, H, m * C, d)[:, :, :n]], dim=2)
+
+
+def window_attention(q, k, v, window: Optional[int]):
+    """Attention over [CLS] + N tokens where token i sees CLS and tokens within ±window slots of it.
+
+    window=None is full attention. Short sequences use dense masked attention (faster there); long
+    ones the banded form, whose cost grows as N · window. q, k, v: [B, H, 1+N, d] -> [B, H, 1+N, d].
+    """
+    n = q.shape[-2] - 1
+    if window is None or window >= n - 1:
+        return F.scaled_dot_product_attention(q, k, v)
+    if n <= 256 or 4 * window >= n:  # where dense is as fast on CPU (tests/bench_attention.py)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(n, window, q.device))
+    return banded_attention(q, k, v, window)
+
+
+@dataclass
+class ViTConfig:
+    img_size: Union[int, Tuple[int, int]] = 32
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 10
+    dim: int = 192
+    depth: int = 12
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    window: Optional[int] = 7  # ±slots each token reaches; None = full attention
+
+
+PRESETS = {
+    "tiny": dict(dim=192, depth=12, heads=3),
+    "small": dict(dim=384, depth=12, heads=6),
+    "base": dict(dim=768, depth=12, heads=12),  # the paper's size
+}
+
+
+def vit_config(preset: str, **overrides) -> ViTConfig:
+    """ViTConfig of a named preset (tiny, small, base) with fields overridden."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model {preset!r}: choose one of {', '.join(PRESETS)}")
+    return ViTConfig(**{**PRESETS[preset], **overrides})
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads, window):
+        super().__init__()
+        self.heads, self.window = heads, window
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        out = window_attention(q, k, v, self.window)
+        return self.proj(out.transpose(1, 2).reshape(B, L, D))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        hidden = int(cfg.dim * cfg.mlp_ratio)
+        self.norm1, self.norm2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
+        self.attn = Attention(cfg.dim, cfg.heads, cfg.window)
+        self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(), nn.Linear(hidden, cfg.dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """Pre-norm ViT with a global CLS token and windowed attention over a reordered patch sequence."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        if cfg.window is not None and cfg.window < 0:
+            raise ValueError(f"window must be >= 0 or None (full attention), got {cfg.window}")
+        if cfg.dim % cfg.heads:
+            raise ValueError(f"width {cfg.dim} is not divisible by {cfg.heads} heads")
+        self.cfg = cfg
+        self.grid = grid_size(cfg.img_size, cfg.patch_size)
+        self.num_patches = self.grid[0] * self.grid[1]
+        patch_dim = cfg.in_chans * cfg.patch_size ** 2
+        self.patch_embed = nn.Sequential(nn.LayerNorm(patch_dim), nn.Linear(patch_dim, cfg.dim),
+                                         nn.LayerNorm(cfg.dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, cfg.dim))  # one per patch
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes)
+        self.apply(self._init)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, N, C*p*p] in row-major patch order."""
+        B, C, H, W = images.shape
+        p, (h, w) = self.cfg.patch_size, self.grid
+        if (C, H, W) != (self.cfg.in_chans, h * p, w * p):
+            raise ValueError(f"model expects images of {self.cfg.in_chans}x{h * p}x{w * p}, got {C}x{H}x{W}")
+        return images.reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p)
+
+    def forward(self, images: torch.Tensor, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Class logits [B, num_classes] for images [B, C, H, W], patches read in order perm ([N] or [B, N])."""
+        x = self.patch_embed(self.patchify(images)) + self.pos_embed
+        if perm is not None:
+            x = permute(x, perm)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x[:, 0]))
