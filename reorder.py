@@ -118,6 +118,14 @@ def order(name: str, h: int, w: int, seed: int = 0) -> torch.Tensor:
     raise ValueError(f"unknown order {name!r}: choose one of {', '.join(ORDERS + ('random',))}")
 
 
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, N, C*p*p], patches in row-major id order (H, W divisible by p)."""
+    B, C, H, W = images.shape
+    h, w = grid_size((H, W), patch_size)
+    p = patch_size
+    return images.reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p)
+
+
 def check_perm(perm: torch.Tensor, n: int) -> torch.Tensor:
     """`perm` if it is a permutation of 0..n-1 (shape [n] or [B, n]), else a one-line ValueError."""
     if perm.dtype != torch.long or perm.shape[-1:] != (n,) or perm.dim() not in (1, 2):
@@ -376,17 +384,13 @@ class ViT(nn.Module):
             nn.init.trunc_normal_(m.weight, std=0.02)
             nn.init.zeros_(m.bias)
 
-    def patchify(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> [B, N, C*p*p] in row-major patch order."""
-        B, C, H, W = images.shape
+    def forward(self, images: torch.Tensor, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Class logits [B, num_classes] for images [B, C, H, W], patches read in order perm ([N] or [B, N])."""
+        C, H, W = images.shape[1:]
         p, (h, w) = self.cfg.patch_size, self.grid
         if (C, H, W) != (self.cfg.in_chans, h * p, w * p):
             raise ValueError(f"model expects images of {self.cfg.in_chans}x{h * p}x{w * p}, got {C}x{H}x{W}")
-        return images.reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p)
-
-    def forward(self, images: torch.Tensor, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Class logits [B, num_classes] for images [B, C, H, W], patches read in order perm ([N] or [B, N])."""
-        x = self.patch_embed(self.patchify(images)) + self.pos_embed
+        x = self.patch_embed(patchify(images, p)) + self.pos_embed
         if perm is not None:
             x = permute(x, perm)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)

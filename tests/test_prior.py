@@ -1,0 +1,121 @@
+"""§4 compressibility prior: known answers, determinism, bad input."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import prior
+
+FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+
+
+def stripes(n, size=32, vertical=False, seed=0):
+    """Images whose rows (or columns) are constant, of random grey levels."""
+    levels = torch.rand(n, 1, size, 1, generator=torch.Generator().manual_seed(seed))
+    images = levels.expand(n, 1, size, size)
+    return images.transpose(-1, -2) if vertical else images
+
+
+def measure(images, **kw):
+    return prior.compressibility(images, 4, workers=1, progress=False, **kw)["orders"]
+
+
+def test_lzma_payload_excludes_the_chunk_framing():
+    for n in (1, 64, 70000, 200000):  # one stored chunk, and several
+        data = np.random.default_rng(n).bytes(n)
+        assert prior.payload_bytes(data) == n  # incompressible: stored as is, framing not counted
+    assert prior.payload_bytes(bytes(4096)) < 64
+
+
+def test_streams_are_unigram_bytes_and_non_overlapping_bigram_symbols():
+    uni, bi = prior.streams(np.array([1, 2, 3, 4, 5]), 10)
+    assert uni == bytes([1, 2, 3, 4, 5])
+    assert bi == bytes([12, 34])  # (1 2)(3 4) as 1*10+2, 3*10+4; the odd last code is left out
+    uni, bi = prior.streams(np.array([255, 1]), 256)
+    assert uni == bytes([255, 1]) and bi == (255 * 256 + 1).to_bytes(2, "little")
+
+
+def test_stripes_compress_best_in_the_order_that_repeats_whole_lines():
+    # LZMA codes a repeat of a whole earlier line as one match. With rows constant, every column is
+    # the same, so column order is one column followed by exact copies of it; row order is a run per
+    # row, one match each. Constant columns reverse it. (A transposed patchify or an inverted
+    # permutation swaps the two.)
+    horizontal, vertical = measure(stripes(100)), measure(stripes(100, vertical=True))
+    for stream in ("unigram", "bigram"):
+        gap = 5 * (horizontal["column"][f"{stream}_se"] + horizontal["row"][f"{stream}_se"])
+        assert horizontal["column"][stream] > horizontal["row"][stream] + gap
+        gap = 5 * (vertical["column"][f"{stream}_se"] + vertical["row"][f"{stream}_se"])
+        assert vertical["row"][stream] > vertical["column"][stream] + gap
+
+
+def test_constant_images_compress_far_better_than_noise_which_scores_zero():
+    noise = measure(torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
+    constant = measure(torch.rand(64, 1, 1, 1).expand(64, 1, 32, 32))
+    for name in noise:
+        assert abs(noise[name]["unigram"]) < 0.5 and abs(noise[name]["bigram"]) < 0.5
+        assert constant[name]["unigram"] > 80 and constant[name]["bigram"] > 80
+
+
+def test_rgb_images_and_a_custom_order_work():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(16, 3, 16, 24, generator=g)
+    table = prior.compressibility(images, 4, orders={"mine": torch.arange(24).flip(0)}, codebook=32,
+                                  workers=1, progress=False)
+    assert table["grid"] == [4, 6] and list(table["orders"]) == ["mine"]
+    assert prior.pick(table) == "mine"
+
+
+def test_pick_is_the_least_compressible_order():
+    table = {"orders": {"row": {"rank": 1}, "snake": {"rank": 3}, "column": {"rank": 2}}}
+    assert prior.pick(table) == "snake"
+
+
+def run_cli(tmp_path, folder, *extra):
+    (tmp_path / folder).mkdir()
+    out = tmp_path / folder / "prior.json"
+    code = prior.main(["--data", "synthetic", "--n", "48", "--img-size", "16", "--patch", "4",
+                       "--codebook", "32", "--out", str(out), *extra])
+    return code, out
+
+
+def test_same_seed_gives_identical_json_for_any_number_of_workers(tmp_path):
+    code1, a = run_cli(tmp_path, "a", "--workers", "1")
+    first = a.read_bytes()
+    a.unlink(), a.parent.rmdir()
+    code3, _ = run_cli(tmp_path, "a", "--workers", "1")  # the same command again
+    code2, b = run_cli(tmp_path, "b", "--workers", "2")
+    assert code1 == code2 == code3 == 0
+    assert a.read_bytes() == first
+    ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
+    ja["config"].pop("out"), jb["config"].pop("out"), ja["config"].pop("workers"), jb["config"].pop("workers")
+    assert ja == jb
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "synthetic", "--n", "0"], "--n must be at least 1"),
+    (["--data", "synthetic", "--img-size", "30", "--patch", "4"], "image size 30x30 is not divisible by patch size 4"),
+    (["--data", "folder", "--root", "/nonexistent/place"], "data folder /nonexistent/place/train not found"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
+    assert prior.main(args + ["--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_an_empty_folder_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "train" / "cats").mkdir(parents=True)
+    assert prior.main(["--data", "folder", "--root", str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert "no images in" in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(not os.path.exists(FMNIST), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_prior_runs(tmp_path, capsys):
+    assert prior.main(["--data", "fashion-mnist", "--n", "200", "--out", str(tmp_path / "p.json")]) == 0
+    table = json.loads((tmp_path / "p.json").read_text())
+    assert sorted(table["orders"]) == sorted(prior.reorder.ORDERS) and table["images"] == 200
+    assert table["pick"] in table["orders"]
+    assert "start the policy from:" in capsys.readouterr().out
