@@ -39,9 +39,10 @@ def test_banded_attention_equals_dense_reference(n, window, chunk):
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
     out = banded_attention(q, k, v, window, chunk)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    assert torch.allclose(out, ref, atol=1e-5, rtol=0)
-    for g, rg in zip(grads, ref_grads):
-        assert torch.allclose(g, rg, atol=1e-5, rtol=0)
+    for got, want in zip((out, *grads), (ref, *ref_grads)):
+        # fp32, 1e-5 at unit scale: CLS's value gradient sums over all N tokens (|g| ~ 20 here) in
+        # another order than the reference does, so the bound scales with the largest entry
+        assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
 
 
 @pytest.mark.parametrize("n,window", [(50, 3), (300, 7), (600, 20), (40, None)])
