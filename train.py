@@ -266,26 +266,25 @@ def load_order(path, n):
         raise UsageError(f"order file {path} is not an order of {n} patches ({e})") from None
 
 
-def initial_order(args, grid, train_set, rank, world, out):
-    """The order training starts from: a name, "prior" (prior.py's pick), or a saved order's path."""
+def initial_order(args, grid, train_set, rank, world):
+    """(perm, name, prior table or None): the order training starts from, given as a name, "prior"
+    (prior.py's pick on a training sample, measured on rank 0), or a saved order's path."""
     n = grid[0] * grid[1]
     if args.order in reorder.ORDERS + ("random",):
-        return reorder.order(args.order, *grid, seed=args.seed), args.order
+        return reorder.order(args.order, *grid, seed=args.seed), args.order, None
     if args.order != "prior":
-        return load_order(args.order, n), args.order
+        return load_order(args.order, n), args.order, None
     import prior
-    pick = [None]
+    pick, table = [None], None
     if rank == 0:
         images = prior.sample_images(train_set.dataset, args.prior_n, args.seed)  # unflipped
-        table = prior.compressibility(images, args.patch, seed=args.seed)
+        table = prior.compressibility(images, args.patch, seed=args.seed, progress=not args.quiet)
         print(prior.format_table(table))
         pick[0] = prior.pick(table)
         print(f"--order prior: starting from {pick[0]}, the least compressible ordering")
-        with open(os.path.join(out, "prior.json"), "w") as f:
-            json.dump(table, f, indent=1)
     if world > 1:
         dist.broadcast_object_list(pick, src=0)
-    return reorder.order(pick[0], *grid), f"prior:{pick[0]}"
+    return reorder.order(pick[0], *grid), f"prior:{pick[0]}", table
 
 
 def lr_factor(step, warmup_steps, total_steps):
@@ -328,7 +327,7 @@ def load_checkpoint(path):
 
 def draw_order(perm, grid, path):
     """order.png: each patch coloured by its slot (dark = early), the path drawn through the centres."""
-    from torchvision.io import write_png
+    from torchvision.transforms.functional import to_pil_image
     from torchvision.utils import draw_keypoints
     h, w = grid
     cell = max(8, 512 // max(h, w))
@@ -344,7 +343,7 @@ def draw_order(perm, grid, path):
     image = draw_keypoints(image, centres[None], connectivity=[(k, k + 1) for k in range(h * w - 1)],
                            colors="white", radius=max(1, cell // 8), width=max(1, cell // 10))
     image = draw_keypoints(image, centres[None, :1], colors="red", radius=max(2, cell // 4))
-    write_png(image, path)
+    to_pil_image(image).save(path, format="PNG")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -445,11 +444,14 @@ def train(args):
                                  **{k: v for k, v in (("dim", args.dim), ("depth", args.depth),
                                                       ("heads", args.heads)) if v})
         raw_model = reorder.ViT(cfg).to(device)
-    if rank == 0:
-        os.makedirs(out, exist_ok=True)
-    start_perm, order_name = (ckpt["start_perm"], ckpt["order_name"]) if ckpt else \
-        initial_order(args, grid, train_set, rank, world, out)
+    start_perm, order_name, prior_table = (ckpt["start_perm"], ckpt["order_name"], None) if ckpt else \
+        initial_order(args, grid, train_set, rank, world)
     start_perm = start_perm.to(device)
+    if rank == 0:  # all input checked: from here on the run writes into `out`
+        os.makedirs(out, exist_ok=True)
+        if prior_table:
+            with open(os.path.join(out, "prior.json"), "w") as f:
+                json.dump(prior_table, f, indent=1)
 
     # ---- model, policy, optimizers, schedules
     workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1)
