@@ -8,7 +8,6 @@ An ordering is a permutation `perm` of length N = h * w: perm[k] is the id of th
 sequence slot k, so `tokens[:, perm]` reorders a [B, N, D] sequence and `argsort(perm)` gives each
 patch's slot. The layout follows the paper: orderings (§3), the policy (§5), the model.
 """
-import math
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -274,8 +273,9 @@ def banded_attention(q, k, v, window: int, chunk: Optional[int] = None):
     # Key u of chunk j sits r = u - window strip slots after the chunk's CLS copy: r = 0 is that CLS,
     # r = C + 1 the next chunk's, any other r a token, at sequence slot j*C + r minus the CLS copies
     # passed. Query i of chunk j is at slot j*C + i.
-    i, u, j = torch.arange(C, device=q.device)[:, None], torch.arange(K, device=q.device), \
-        torch.arange(m, device=q.device)[:, None, None]
+    i = torch.arange(C, device=q.device)[:, None]
+    u = torch.arange(K, device=q.device)
+    j = torch.arange(m, device=q.device)[:, None, None]
     r = u - window
     slot = j * C + r - (r > 0).long() - (r > C + 1).long()
     is_token = (r != 0) & (r != C + 1)

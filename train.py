@@ -296,7 +296,8 @@ def lr_factor(step, warmup_steps, total_steps):
 
 
 def tau_at(step, start_step, steps):
-    """Triangular temperature per step over the learning phase: 0 -> tau_max (x1 here) -> 0, never exactly 0."""
+    """Temperature as a fraction of tau_max: a triangle over the `steps` learning steps, 0 -> 1 -> 0,
+    one value per step (never exactly 0 inside the phase), and 0 outside it."""
     t = (step - start_step + 0.5) / steps
     return max(0.0, 1 - abs(2 * t - 1)) if 0 < t < 1 else 0.0
 
@@ -378,6 +379,8 @@ def amp_dtype(flag, device):
 
 
 def evaluate(model, loader, perm, device, dtype, world):
+    """(top-1 %, top-5 %) with one order for all images, summed over ranks. (Under DDP the sampler pads
+    the last shard with up to world - 1 repeated images, as DistributedSampler does.)"""
     model.eval()
     totals = torch.zeros(3, device=device)  # top-1 correct, top-5 correct, images
     with torch.no_grad():
