@@ -311,11 +311,17 @@ def as_usage_errors():
         raise UsageError(str(e)) from None
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves a torn file."""
+@contextmanager
+def atomic_path(path):
+    """A temporary path beside `path`, renamed onto it when the block ends: a crash never leaves a torn file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
+    yield tmp
     os.replace(tmp, path)
+
+
+def atomic_save(obj, path):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_checkpoint(path):
@@ -334,8 +340,7 @@ def draw_order(perm, grid, path):
     cell = max(8, 512 // max(h, w))
     anchors = torch.tensor([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]],
                            dtype=torch.float)  # viridis
-    slot = torch.empty(h * w)
-    slot[perm] = torch.arange(h * w, dtype=torch.float) / max(h * w - 1, 1)
+    slot = perm.argsort().float() / max(h * w - 1, 1)  # each patch's slot, 0 = first, 1 = last
     x = slot * (len(anchors) - 1)
     lo = x.floor().long().clamp(max=len(anchors) - 2)
     colours = anchors[lo] + (x - lo)[:, None] * (anchors[lo + 1] - anchors[lo])  # [N, 3]
@@ -588,10 +593,6 @@ def train(args):
         # ---- end of epoch: validate, log, save
         order_now = current_order()
         top1, top5 = evaluate(model, val_loader, order_now, device, dtype, world)
-        slots = torch.empty_like(order_now)
-        slots[order_now] = torch.arange(len(order_now), device=device)
-        start_slots = torch.empty_like(start_perm)
-        start_slots[start_perm] = torch.arange(len(start_perm), device=device)
         p_steps = stats["policy_steps"]
         history.append({
             "epoch": epoch, "phase": "fixed" if epoch * steps_per_epoch < learn_from or policy is None
@@ -600,7 +601,8 @@ def train(args):
             "val_top1": top1, "val_top5": top5, "lr": scheduler.get_last_lr()[0],
             "tau": stats["tau"] / stats["steps"], "reward": stats["reward"] / p_steps if p_steps else None,
             "entropy": stats["neg_logp"] / p_steps if p_steps else None,  # Monte Carlo, at the sampled tau
-            "order_shift": (slots - start_slots).abs().float().mean().item(),  # mean slots moved since start
+            # mean number of slots a patch has moved since the start; argsort(perm) = each patch's slot
+            "order_shift": (order_now.argsort() - start_perm.argsort()).abs().float().mean().item(),
             "seconds": time.time() - t0})
         epoch, done_in_epoch = epoch + 1, 0
         stats = dict.fromkeys(stats, 0.0)
@@ -610,9 +612,8 @@ def train(args):
         if rank == 0:
             if is_best:
                 checkpoint(os.path.join(out, "best.pt"))
-            with open(os.path.join(out, "metrics.jsonl.tmp"), "w") as f:
+            with atomic_path(os.path.join(out, "metrics.jsonl")) as tmp, open(tmp, "w") as f:
                 f.writelines(json.dumps(line) + "\n" for line in history)
-            os.replace(os.path.join(out, "metrics.jsonl.tmp"), os.path.join(out, "metrics.jsonl"))
             save_order(os.path.join(out, "order.pt"), order_now, grid)
             draw_order(order_now.cpu(), grid, os.path.join(out, "order.png"))
             h = history[-1]
