@@ -366,6 +366,8 @@ def setup_distributed(device_flag):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if device_flag == "auto":
         device_flag = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_flag == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but torch sees no CUDA device here: use --device cpu (or auto)")
     if world == 1:
         return 0, 1, torch.device(device_flag)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))

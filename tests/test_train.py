@@ -251,6 +251,8 @@ def fails(capsys, argv, message):
     (["--epochs", "4", "--learn-order", "--policy-start", "3", "--policy-epochs", "3"], "exceeds --epochs 4"),
     (["--resume"], "nothing to resume"),
     (["--batch-size", "1000"], "fewer than one batch"),
+    pytest.param(["--device", "cuda"], "torch sees no CUDA device", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="this machine has a CUDA device")),
 ])
 def test_bad_flags(tmp_path, capsys, extra, message):
     fails(capsys, [*TINY, "--out", str(tmp_path / "run"), *extra], message)
