@@ -6,7 +6,7 @@ tokenizer (Chameleon's) are not available, so we rebuild the measurement from pa
 
 1. a k-means codebook over patch vectors of the sample (the "VQ" step; torch, seeded),
 2. each image's code sequence in every ordering: a unigram stream (one symbol per code) and a bigram
-   stream (one symbol per consecutive pair of codes), fixed-width little-endian bytes,
+   stream (one symbol per non-overlapping pair of codes), fixed-width little-endian bytes,
 3. LZMA2 in raw format; compression = % size reduction of the payload, with LZMA2's own chunk
    framing (a few bytes per stream) not counted, so incompressible data scores 0%,
 4. mean and standard error over images, a rank per ordering, and the ordering to start the policy
@@ -191,10 +191,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     try:
-        reorder.grid_size(args.img_size, args.patch)
+        h, w = reorder.grid_size(args.img_size, args.patch)  # before loading any data
         dataset = train.build_dataset(args.data, args.root, "train", args.img_size, augment=False)
         images = sample_images(dataset, args.n, args.seed)
-        h, w = reorder.grid_size(args.img_size, args.patch)
         orders = {name: reorder.order(name, h, w) for name in reorder.ORDERS}
         for path in args.order_file:
             orders[os.path.basename(path)] = train.load_order(path, h * w)

@@ -550,8 +550,9 @@ def train(args):
                 logits = model(x, perm[0] if len(perm) == 1 else perm)
             per_image = F.cross_entropy(logits.float(), y, reduction="none")
             loss = per_image.mean()
-            if not torch.isfinite(loss):
-                raise UsageError(f"loss is {loss.item()} at step {step} (epoch {epoch}): stopped; {last} holds "
+            loss_value = loss.item()  # the step's one host sync for the loss
+            if not math.isfinite(loss_value):
+                raise UsageError(f"loss is {loss_value} at step {step} (epoch {epoch}): stopped; {last} holds "
                                  f"the last good state; lower --lr (then --resume), or try --amp bf16/off")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -561,9 +562,9 @@ def train(args):
             scaler.update()
             scheduler.step()
 
+            correct = logits.detach().argmax(1) == y
             if learning and tau > 0:  # REINFORCE on the same forward pass (§5)
-                reward = -per_image.detach() if args.reward == "xent" else \
-                    (logits.detach().argmax(1) == y).float() * 2 - 1
+                reward = -per_image.detach() if args.reward == "xent" else correct.float() * 2 - 1
                 mean_reward = reward.mean()
                 if world > 1:
                     dist.all_reduce(mean_reward)
@@ -580,13 +581,13 @@ def train(args):
                 stats["reward"] += mean_reward.item()
                 stats["neg_logp"] -= log_prob.detach().mean().item()
                 stats["policy_steps"] += 1
-            stats["loss"] += loss.item() * len(y)
-            stats["correct"] += (logits.detach().argmax(1) == y).sum().item()
+            stats["loss"] += loss_value * len(y)
+            stats["correct"] += correct.sum().item()
             stats["images"] += len(y)
             stats["tau"] += tau
             stats["steps"] += 1
             done_in_epoch += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100 * stats['correct'] / stats['images']:.1f}",
+            bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{100 * stats['correct'] / stats['images']:.1f}",
                             tau=f"{tau:.3f}", reward=f"{stats['reward'] / max(1, stats['policy_steps']):.3f}")
             if args.save_every and done_in_epoch % args.save_every == 0 and done_in_epoch < steps_per_epoch:
                 checkpoint(last)
