@@ -94,6 +94,59 @@ class SyntheticImages(Dataset):
         return self.templates[label] * 0.5 + torch.randn(3, self.size, self.size, generator=g), label
 
 
+class PairImages(Dataset):
+    """The known-answer task for orderings: patch (r, c) is paired with (r + h/2, c); each patch
+    shows one bit (plus noise). Label 0: the bottom half repeats the top half, so every pair matches.
+    Label 1: `mismatches` random pairs differ (default half of them). Row-major puts every pair h/2 · w slots apart, beyond
+    a small window; `pair_order` puts them side by side. Each half's patches alone are uniformly random,
+    so chance is 50%. Generated from the index alone; a horizontal flip keeps the label."""
+
+    num_classes = 2
+
+    def __init__(self, n, size, patch, offset=0, mismatches=None, noise=0.5):
+        h, w = reorder.grid_size(size, patch)
+        if h % 2:
+            raise UsageError(f"--data pairs needs an even number of patch rows, got {h} "
+                             f"(--img-size {size} / --patch {patch}): e.g. --img-size 32 --patch 4")
+        self.n, self.patch, self.grid, self.offset = n, patch, (h, w), offset
+        self.mismatches, self.noise = mismatches or h // 2 * w // 2, noise
+
+    def __len__(self):
+        return self.n
+
+    def bits(self, i):
+        """(bits [h, w] of image i, label, the generator that drew them)."""
+        (h, w), g = self.grid, torch.Generator().manual_seed(self.offset + i)
+        top = torch.randint(2, (h // 2 * w,), generator=g)
+        label = int(torch.randint(2, (), generator=g))
+        bottom = top.clone()
+        if label:
+            bottom[torch.randperm(len(top), generator=g)[:self.mismatches]] ^= 1
+        return torch.cat([top, bottom]).view(h, w), label, g
+
+    def __getitem__(self, i):
+        bits, label, g = self.bits(i)
+        # a bit is the patch's upper half bright (0) or dark (1), not its mean, which the patch
+        # embedding's LayerNorm removes; both patterns are their own horizontal mirror images
+        p = self.patch
+        edge = torch.where(torch.arange(p) < p // 2, 1.0, -1.0)[:, None].expand(p, p)
+        image = (edge * (1 - 2 * bits.float())[:, :, None, None]).permute(0, 2, 1, 3).reshape(bits.shape[0] * p, -1)
+        return (image + self.noise * torch.randn(image.shape, generator=g))[None], label
+
+
+def pair_order(h, w):
+    """The order that puts patch (r, c) right before its partner (r + h/2, c): [h*w] (PairImages)."""
+    top = torch.arange(h // 2 * w)
+    return torch.stack([top, top + h // 2 * w], 1).flatten()
+
+
+def pair_distance(perm, h, w):
+    """Mean number of slots between the two patches of a PairImages pair in the sequence `perm`."""
+    slot = perm.argsort()
+    top = torch.arange(h // 2 * w)
+    return (slot[top] - slot[top + h // 2 * w]).abs().float().mean().item()
+
+
 class SafeImageFolder(Dataset):
     """torchvision's ImageFolder that skips an unreadable image with a one-line warning (and returns None)."""
 
@@ -196,11 +249,14 @@ def image_folder(root, split, size):
     return SafeImageFolder(folder, transform)
 
 
-def build_dataset(data, root, split, img_size, augment=False, seed=0, subset=None):
-    """The dataset `data` ("cifar10", "fashion-mnist", "imagenet", "fmow", "folder", "synthetic")."""
+def build_dataset(data, root, split, img_size, augment=False, seed=0, subset=None, patch=4):
+    """The dataset `data` ("cifar10", "fashion-mnist", "imagenet", "fmow", "folder", "synthetic", "pairs")."""
     if data == "synthetic":
         n_train = subset or 2048
         dataset = SyntheticImages(n_train if split == "train" else 512, img_size, offset=0 if split == "train" else 10**6)
+    elif data == "pairs":  # generated: train and val differ by their seeds' offset
+        dataset = PairImages((subset or 50000) if split == "train" else 5000, img_size, patch,
+                             offset=0 if split == "train" else 10**7)
     elif data == "fashion-mnist":
         dataset = fashion_mnist(root or (FMNIST_DIR if os.path.isdir(FMNIST_DIR) else "data/fashion-mnist"),
                                 split, img_size)
@@ -439,8 +495,8 @@ def train(args):
         raise UsageError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
 
     train_set = build_dataset(args.data, args.root, "train", args.img_size, augment=True, seed=args.seed,
-                              subset=args.subset)
-    val_set = build_dataset(args.data, args.root, "val", args.img_size, subset=args.val_subset)
+                              subset=args.subset, patch=args.patch)  # the flip keeps pairs' labels
+    val_set = build_dataset(args.data, args.root, "val", args.img_size, subset=args.val_subset, patch=args.patch)
     if len(train_set) < args.batch_size * world:
         raise UsageError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size} "
                          f"x {world} processes: lower --batch-size")
@@ -641,7 +697,8 @@ def window_arg(text):
 def parse_args(argv=None):
     ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument_group("data").add_argument
-    a("--data", default="cifar10", choices=["cifar10", "fashion-mnist", "imagenet", "fmow", "folder", "synthetic"])
+    a("--data", default="cifar10", choices=["cifar10", "fashion-mnist", "imagenet", "fmow", "folder", "synthetic", "pairs"],
+      help="pairs: the known-answer task (PairImages), whose labels need patches h/2 rows apart")
     a("--root", default=None, help="data folder (cifar10: ./data; fashion-mnist: Debian's package folder)")
     a("--subset", type=int, default=None, help="train on a fixed random subset of K images")
     a("--val-subset", type=int, default=None, help="validate on a fixed random subset of K images")
