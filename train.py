@@ -97,9 +97,10 @@ class SyntheticImages(Dataset):
 class PairImages(Dataset):
     """The known-answer task for orderings: patch (r, c) is paired with (r + h/2, c); each patch
     shows one bit (plus noise). Label 0: the bottom half repeats the top half, so every pair matches.
-    Label 1: `mismatches` random pairs differ (default half of them). Row-major puts every pair h/2 · w slots apart, beyond
-    a small window; `pair_order` puts them side by side. Each half's patches alone are uniformly random,
-    so chance is 50%. Generated from the index alone; a horizontal flip keeps the label."""
+    Label 1: `mismatches` random pairs differ (default: half of them). Row-major puts every pair
+    h/2 · w slots apart, beyond a small window; `pair_order` puts them side by side. Each half's
+    patches alone are uniformly random, so chance is 50%. Generated from the index alone; a
+    horizontal flip keeps the label."""
 
     num_classes = 2
 
@@ -250,7 +251,8 @@ def image_folder(root, split, size):
 
 
 def build_dataset(data, root, split, img_size, augment=False, seed=0, subset=None, patch=4):
-    """The dataset `data` ("cifar10", "fashion-mnist", "imagenet", "fmow", "folder", "synthetic", "pairs")."""
+    """The dataset `data` ("cifar10", "fashion-mnist", "imagenet", "fmow", "folder", "synthetic",
+    "pairs"); `patch` matters only to "pairs", whose bits are drawn per patch."""
     if data == "synthetic":
         n_train = subset or 2048
         dataset = SyntheticImages(n_train if split == "train" else 512, img_size, offset=0 if split == "train" else 10**6)
