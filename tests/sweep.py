@@ -92,9 +92,9 @@ def collect(jobs):
         row = {"group": group, "order": order, "seed": seed, "val_top1": round(h[-1]["val_top1"], 2),
                "seconds": round(sum(e["seconds"] for e in h), 1), "learned_shift": round(h[-1]["order_shift"], 2)}
         if group.startswith("pairs"):
-            grid = reorder.grid_size(32, 4)
-            start = torch_load(os.path.join(run_dir, "last.pt"))["start_perm"]
-            final = torch_load(os.path.join(run_dir, "order.pt"))["perm"]
+            grid = reorder.grid_size(32, 4)  # train.py's default --img-size and --patch
+            start = train.load_checkpoint(os.path.join(run_dir, "last.pt"))["start_perm"]
+            final = train.load_order(os.path.join(run_dir, "order.pt"), grid[0] * grid[1])
             row["pair_distance_start"] = train.pair_distance(start, *grid)
             row["pair_distance_final"] = train.pair_distance(final, *grid)
         if order == "prior":
@@ -102,11 +102,6 @@ def collect(jobs):
                 row["order"] = json.load(f)["order_name"]
         rows.append(row)
     return rows
-
-
-def torch_load(path):
-    import torch
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def mean_std(values):
