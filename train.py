@@ -143,9 +143,8 @@ def pair_order(h, w):
 
 def pair_distance(perm, h, w):
     """Mean number of slots between the two patches of a PairImages pair in the sequence `perm`."""
-    slot = perm.argsort()
-    top = torch.arange(h // 2 * w)
-    return (slot[top] - slot[top + h // 2 * w]).abs().float().mean().item()
+    slots = perm.argsort()[pair_order(h, w).view(-1, 2)]  # [pairs, 2]: where each partner sits
+    return (slots[:, 0] - slots[:, 1]).abs().float().mean().item()
 
 
 class SafeImageFolder(Dataset):
@@ -443,6 +442,21 @@ def amp_dtype(flag, device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[flag]
 
 
+def policy_update(policy, policy_opt, perm, tau, reward, baseline, world=1):
+    """One REINFORCE step of the policy (§5) on the orders `perm` and their rewards: scored under the
+    current logits (on every rank: the orders are rank 0's), gradients averaged over ranks, clipped
+    to 5, one AdamW step. Returns log p(perm), detached."""
+    log_prob = policy.log_prob(perm, tau)
+    policy_opt.zero_grad(set_to_none=True)
+    reorder.reinforce_loss(log_prob, reward, baseline).backward()
+    if world > 1:
+        dist.all_reduce(policy.logits.grad)
+        policy.logits.grad /= world
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), 5.0)
+    policy_opt.step()
+    return log_prob.detach()
+
+
 def evaluate(model, loader, perm, device, dtype, world):
     """(top-1 %, top-5 %) with one order for all images, summed over ranks. (Under DDP the sampler pads
     the last shard with up to world - 1 repeated images, as DistributedSampler does.)"""
@@ -628,16 +642,9 @@ def train(args):
                     dist.all_reduce(mean_reward)
                     mean_reward /= world
                 baseline = ema(mean_reward.item()) if args.baseline == "ema" else reorder.loo_baseline(reward)
-                log_prob = policy.log_prob(perm, tau)
-                policy_opt.zero_grad(set_to_none=True)
-                reorder.reinforce_loss(log_prob, reward, baseline).backward()
-                if world > 1:
-                    dist.all_reduce(policy.logits.grad)
-                    policy.logits.grad /= world
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), 5.0)
-                policy_opt.step()
+                log_prob = policy_update(policy, policy_opt, perm, tau, reward, baseline, world)
                 stats["reward"] += mean_reward.item()
-                stats["neg_logp"] -= log_prob.detach().mean().item()
+                stats["neg_logp"] -= log_prob.mean().item()
                 stats["policy_steps"] += 1
             stats["loss"] += loss_value * len(y)
             stats["correct"] += correct.sum().item()

@@ -164,15 +164,10 @@ def bench_policy(args, device):
             perm = policy.sample(orders, 0.1, gen)[0]
             model_step = training_step(model, optimizer, images, labels, perm[0] if orders == 1 else perm, dtype)
 
-            def policy_step():  # as in train.py: sample, score, REINFORCE, clip, AdamW
+            def policy_step():  # train.py's: sample, baseline, then train.policy_update
                 sampled, _ = policy.sample(orders, 0.1, gen)
                 reward = -torch.rand(args.train_batch, device=device)
-                baseline = ema(reward.mean().item())
-                log_prob = policy.log_prob(sampled, 0.1)
-                policy_opt.zero_grad(set_to_none=True)
-                reorder.reinforce_loss(log_prob, reward, baseline).backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), 5.0)
-                policy_opt.step()
+                train.policy_update(policy, policy_opt, sampled, 0.1, reward, ema(reward.mean().item()))
             sec = median_times({"model": model_step, "policy": policy_step}, device, 5, budget_s=1.0)
             print(f"{img_size:>6} {patch:>5} {granularity:>11} | {sec['model'] * 1e3:>9.2f} {sec['policy'] * 1e3:>9.3f} "
                   f"{100 * sec['policy'] / (sec['model'] + sec['policy']):>11.2f}%")

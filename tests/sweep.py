@@ -35,6 +35,12 @@ BUDGET = ["--subset", "8000", "--val-subset", "5000", "--epochs", "5", "--batch-
 PAIRS = ["--data", "pairs", "--subset", "12000", "--val-subset", "2000", "--epochs", "5", "--batch-size", "128",
          "--lr", "1e-3", "--policy-lr", "1e-2", "--quiet"]
 SEEDS = (0, 1, 2)
+PAIR_GRID = reorder.grid_size(32, 4)  # train.py's default --img-size and --patch
+
+
+def flag(args, name):
+    """The value given to `name` in a train.py argument list."""
+    return args[args.index(name) + 1]
 
 
 def runs(groups, out):
@@ -66,10 +72,10 @@ def history(run_dir):
         return [json.loads(line) for line in f]
 
 
-def launch(job, epochs, log):
+def launch(job, log):
     group, order, seed, args = job
-    run_dir = args[args.index("--out") + 1]
-    if len(history(run_dir)) >= epochs:
+    run_dir = flag(args, "--out")
+    if len(history(run_dir)) >= int(flag(args, "--epochs")):
         return
     resume = ["--resume"] if os.path.exists(os.path.join(run_dir, "last.pt")) else []
     t0 = time.time()
@@ -84,19 +90,17 @@ def collect(jobs):
     """One row per finished run: final val top-1, and for the pairs task the pairs' slot distance."""
     rows = []
     for group, order, seed, args in jobs:
-        run_dir = args[args.index("--out") + 1]
+        run_dir = flag(args, "--out")
         h = history(run_dir)
-        epochs = int(args[args.index("--epochs") + 1])
-        if len(h) < epochs:
+        if len(h) < int(flag(args, "--epochs")):
             continue
         row = {"group": group, "order": order, "seed": seed, "val_top1": round(h[-1]["val_top1"], 2),
                "seconds": round(sum(e["seconds"] for e in h), 1), "learned_shift": round(h[-1]["order_shift"], 2)}
         if group.startswith("pairs"):
-            grid = reorder.grid_size(32, 4)  # train.py's default --img-size and --patch
             start = train.load_checkpoint(os.path.join(run_dir, "last.pt"))["start_perm"]
-            final = train.load_order(os.path.join(run_dir, "order.pt"), grid[0] * grid[1])
-            row["pair_distance_start"] = train.pair_distance(start, *grid)
-            row["pair_distance_final"] = train.pair_distance(final, *grid)
+            final = train.load_order(os.path.join(run_dir, "order.pt"), PAIR_GRID[0] * PAIR_GRID[1])
+            row["pair_distance_start"] = train.pair_distance(start, *PAIR_GRID)
+            row["pair_distance_final"] = train.pair_distance(final, *PAIR_GRID)
         if order == "prior":
             with open(os.path.join(run_dir, "config.json")) as f:
                 row["order"] = json.load(f)["order_name"]
@@ -171,8 +175,7 @@ def main(argv=None):
         ap.error(f"unknown group(s) {', '.join(sorted(groups - {'fixed', 'full', 'learn', 'pairs'}))}")
     os.makedirs(args.out, exist_ok=True)
     if "pairs" in groups:
-        grid = reorder.grid_size(32, 4)
-        train.save_order(os.path.join(args.out, "pair_order.pt"), train.pair_order(*grid), grid)
+        train.save_order(os.path.join(args.out, "pair_order.pt"), train.pair_order(*PAIR_GRID), PAIR_GRID)
     jobs = runs(groups, args.out)
     if not args.report:
         t0 = time.time()
@@ -181,7 +184,7 @@ def main(argv=None):
             print(f"[{time.time() - t0:6.0f} s] {msg}", flush=True)
         log(f"{len(jobs)} runs, {args.jobs} at a time, into {args.out}")
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda job: launch(job, int(job[3][job[3].index("--epochs") + 1]), log), jobs))
+            list(pool.map(lambda job: launch(job, log), jobs))
         log("done")
     print(report(collect(jobs), args.out))
 
