@@ -27,12 +27,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import data
 import reorder
 
 
 def fit_codebook(vectors: torch.Tensor, size: int, seed: int = 0, iters: int = 20,
                  max_points: int = 20000) -> torch.Tensor:
-    """k-means codebook [size, D] from vectors [M, D]: seeded, on at most max_points of them, Lloyd steps."""
+    """k-means codebook [size, D] of vectors [M, D]: seeded Lloyd steps on <= max_points of them."""
     g = torch.Generator().manual_seed(seed)
     points = vectors[torch.randperm(len(vectors), generator=g)[:max_points]].float()
     size = min(size, len(points))
@@ -51,20 +52,23 @@ def fit_codebook(vectors: torch.Tensor, size: int, seed: int = 0, iters: int = 2
 
 
 def encode(vectors: torch.Tensor, codebook: torch.Tensor, block: int = 65536) -> torch.Tensor:
-    """Nearest codebook entry of every vector: [..., D] -> [...] (int64), in blocks to bound memory."""
+    """Nearest codebook entry of every vector: [..., D] -> [...] (int64), in blocks of memory."""
     flat = vectors.reshape(-1, vectors.shape[-1]).float()
-    codes = torch.cat([torch.cdist(flat[i:i + block], codebook).argmin(1) for i in range(0, len(flat), block)])
+    codes = torch.cat([torch.cdist(flat[i:i + block], codebook).argmin(1)
+                       for i in range(0, len(flat), block)])
     return codes.reshape(vectors.shape[:-1])
 
 
-def payload_bytes(data: bytes, preset: int = 6) -> int:
-    """Size of `data` compressed by raw LZMA2, without LZMA2's chunk headers and end marker."""
+def payload_bytes(stream: bytes, preset: int = 6) -> int:
+    """Size of `stream` compressed by raw LZMA2, without LZMA2's chunk headers and end marker."""
     # A dictionary as large as the stream compresses exactly as the preset's 8 MiB one, 30x faster.
-    dict_size = max(4096, 1 << max(len(data) - 1, 1).bit_length())
-    blob = lzma.compress(data, format=lzma.FORMAT_RAW,
-                         filters=[{"id": lzma.FILTER_LZMA2, "preset": preset, "dict_size": dict_size}])
+    dict_size = max(4096, 1 << max(len(stream) - 1, 1).bit_length())
+    blob = lzma.compress(stream, format=lzma.FORMAT_RAW,
+                         filters=[{"id": lzma.FILTER_LZMA2, "preset": preset,
+                                   "dict_size": dict_size}])
     size, i = 0, 0
-    while blob[i] != 0x00:  # walk the chunks: 0x01/0x02 stored, 0x80.. LZMA (+1 props byte from 0xC0)
+    # walk the chunks: 0x01/0x02 stored, 0x80.. LZMA (one more props byte from 0xC0), 0x00 the end
+    while blob[i] != 0x00:
         control = blob[i]
         if control in (0x01, 0x02):
             stored = (blob[i + 1] << 8 | blob[i + 2]) + 1
@@ -94,13 +98,14 @@ def _dtype(vocabulary: int) -> str:
 
 
 def score_images(job):
-    """Compression % [n, orders, 2 (unigram, bigram)] of a block of code sequences (a worker's job)."""
+    """Compression % [n, orders, 2 (unigram, bigram)] of a block of code sequences (one job)."""
     codes, perms, codebook_size, preset = job
     out = np.empty((len(codes), len(perms), 2))
     for i, seq in enumerate(codes):
         for j, perm in enumerate(perms):
-            for s, data in enumerate(streams(seq[perm], codebook_size)):
-                out[i, j, s] = 100.0 * (1.0 - payload_bytes(data, preset) / len(data)) if data else 0.0
+            for s, stream in enumerate(streams(seq[perm], codebook_size)):
+                saved = 1.0 - payload_bytes(stream, preset) / len(stream) if stream else 0.0
+                out[i, j, s] = 100.0 * saved
     return out
 
 
@@ -123,7 +128,8 @@ def compressibility(images: torch.Tensor, patch_size: int, orders=None, codebook
     perms = np.stack([perm.numpy() for perm in orders.values()])
 
     workers = workers or os.cpu_count() or 1
-    block = max(1, min(256, math.ceil(len(codes) / (4 * workers))))  # ~4 jobs a worker: balanced, little IPC
+    # about 4 jobs a worker: balanced, with little to send between processes
+    block = max(1, min(256, math.ceil(len(codes) / (4 * workers))))
     jobs = [(codes[i:i + block], perms, len(centres), preset) for i in range(0, len(codes), block)]
     bar = tqdm(total=len(codes), desc="prior", unit="img", disable=not progress, leave=False)
     results = []
@@ -151,7 +157,7 @@ def compressibility(images: torch.Tensor, patch_size: int, orders=None, codebook
 
 
 def pick(table: dict) -> str:
-    """The ordering the policy starts from: the least compressible one (the paper's introduction)."""
+    """The ordering to start the policy from: the least compressible (the paper's introduction)."""
     return max(table["orders"], key=lambda name: table["orders"][name]["rank"])
 
 
@@ -174,10 +180,9 @@ def sample_images(dataset, n: int, seed: int) -> torch.Tensor:
 
 
 def main(argv=None):
-    import train  # data loading lives in train.py (which imports this module, so not at the top)
-    ap = train.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "cifar10", "folder",
-                                                                 "imagenet", "fmow", "synthetic"])
+    ap = data.OneLineParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="fashion-mnist", choices=data.DATASETS)
     ap.add_argument("--root", default=None, help="data folder (default: the dataset's usual place)")
     ap.add_argument("--n", type=int, default=1000, help="images to sample from the training split")
     ap.add_argument("--img-size", type=int, default=32)
@@ -185,18 +190,21 @@ def main(argv=None):
     ap.add_argument("--codebook", type=int, default=256, help="k-means codes (the VQ vocabulary)")
     ap.add_argument("--preset", type=int, default=6, choices=range(10), help="LZMA preset")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
-    ap.add_argument("--order-file", action="append", default=[], help="also score a saved order (repeatable)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count(),
+                    help="processes (default: all cores)")
+    ap.add_argument("--order-file", action="append", default=[],
+                    help="also score a saved order (repeatable)")
     ap.add_argument("--out", default="prior.json")
     args = ap.parse_args(argv)
 
     try:
         h, w = reorder.grid_size(args.img_size, args.patch)  # before loading any data
-        dataset = train.build_dataset(args.data, args.root, "train", args.img_size, augment=False)
+        dataset = data.build_dataset(args.data, args.root, "train", args.img_size,
+                                     patch=args.patch)
         images = sample_images(dataset, args.n, args.seed)
         orders = {name: reorder.order(name, h, w) for name in reorder.ORDERS}
         for path in args.order_file:
-            orders[os.path.basename(path)] = train.load_order(path, h * w)
+            orders[os.path.basename(path)] = data.load_order(path, h * w)
         start = time.perf_counter()
         table = compressibility(images, args.patch, orders, args.codebook, args.seed, args.preset,
                                 max(1, args.workers))

@@ -1,7 +1,8 @@
 """REOrder, the vendorable core: patch orderings, a Plackett-Luce policy over them, a windowed ViT.
 
-Paper: "REOrdering Patches Improves Vision Models" (Kutscher et al., arXiv 2505.23751, NeurIPS 2025).
-This file imports only torch and the standard library; copy it into your project as it is.
+Paper: "REOrdering Patches Improves Vision Models" (Kutscher, Chan, Bai, Darrell, Gupta; arXiv
+2505.23751, NeurIPS 2025). This file imports only torch and the standard library and keeps no global
+state; copy it into your project as it is.
 
 Conventions. An image of h x w patches has patch ids r * w + c (row-major, as x.flatten(2) gives).
 An ordering is a permutation `perm` of length N = h * w: perm[k] is the id of the patch placed at
@@ -24,7 +25,8 @@ ORDERS = ("row", "column", "hilbert", "spiral", "diagonal", "snake")
 
 
 def grid_size(img_size: Union[int, Tuple[int, int]], patch_size: int) -> Tuple[int, int]:
-    """(h, w) patches of an image of `img_size` (int or (H, W)); a one-line ValueError if it does not fit."""
+    """(h, w) patches of an image of `img_size` (int or (H, W)); a one-line ValueError if they
+    do not tile it."""
     H, W = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     if patch_size < 1 or H < patch_size or W < patch_size or H % patch_size or W % patch_size:
         raise ValueError(f"image size {H}x{W} is not divisible by patch size {patch_size}: "
@@ -35,12 +37,12 @@ def grid_size(img_size: Union[int, Tuple[int, int]], patch_size: int) -> Tuple[i
 def _hilbert_cells(h, w):
     """Cells (r, c) of a generalized Hilbert curve over any h x w grid (Červený's "gilbert" idea).
 
-    A region is an origin plus a major vector `a` and a minor vector `b` (each axis-aligned). The curve
-    enters at the origin and leaves at the far end of `a`, on the same side. A long, thin region is cut
-    across `a` into two halves walked the same way; any other is cut into three: up `b` to half height,
-    across the full `a`, and back down, so each piece again enters and leaves at its own ends. Halves
-    are made even where possible, which keeps every step between grid neighbours; grids with one odd
-    and one even side can need one diagonal step.
+    A region is an origin plus a major vector `a` and a minor vector `b` (each axis-aligned). The
+    curve enters at the origin and leaves at the far end of `a`, on the same side. A long, thin
+    region is cut across `a` into two halves walked the same way; any other is cut into three: up
+    `b` to half height, across the full `a`, and back down, so each piece again enters and leaves at
+    its own ends. Halves are made even where possible, which keeps every step between grid
+    neighbours; grids with one odd and one even side can need one diagonal step.
     """
     cells = []
 
@@ -89,11 +91,11 @@ def _spiral_ids(h, w):
 
 
 def order(name: str, h: int, w: int, seed: int = 0) -> torch.Tensor:
-    """The ordering `name` of an h x w patch grid (§3): LongTensor [h*w], perm[k] = patch id at slot k.
+    """The ordering `name` of an h x w patch grid (§3): LongTensor [h*w], perm[k] = patch at slot k.
 
-    `name` is one of ORDERS or "random" (a fixed permutation drawn from `seed`). Exact 4 x 4 sequences:
-    row 0 1 2 3 ..., column 0 4 8 12 1 ..., hilbert 0 4 5 1 2 3 7 6 ..., spiral 0 1 2 3 7 11 15 ...,
-    diagonal 12 8 13 4 9 14 0 ..., snake 0 1 4 8 5 2 3 6 ...
+    `name` is one of ORDERS or "random" (a fixed permutation drawn from `seed`). Exact 4 x 4
+    sequences: row 0 1 2 3 ..., column 0 4 8 12 1 ..., hilbert 0 4 5 1 2 3 7 6 ..., spiral 0 1 2 3 7
+    11 15 ..., diagonal 12 8 13 4 9 14 0 ..., snake 0 1 4 8 5 2 3 6 ...
     """
     if not (isinstance(h, int) and isinstance(w, int) and h >= 1 and w >= 1):
         raise ValueError(f"grid must be at least 1 x 1 patches, got {h} x {w}")
@@ -109,7 +111,7 @@ def order(name: str, h: int, w: int, seed: int = 0) -> torch.Tensor:
         return torch.tensor(_spiral_ids(h, w))
     if name == "diagonal":  # diagonals c - r from bottom-left to top-right, each walked downwards
         return torch.argsort((c - r + h - 1) * h + r)
-    if name == "snake":  # JPEG zig-zag: anti-diagonal s = r + c, even s left to right, odd s right to left
+    if name == "snake":  # JPEG zig-zag over anti-diagonals s = r + c: even s rightwards, odd back
         s = r + c
         return torch.argsort(s * w + torch.where(s % 2 == 0, c, w - 1 - c))
     if name == "random":
@@ -150,7 +152,7 @@ def permute(tokens: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 class PlackettLuce(nn.Module):
-    """p(σ) = Π_k exp(s_σk / τ) / Σ_{j≥k} exp(s_σj / τ), over permutations σ of N patches (§5)."""
+    """p(σ) = Π_k exp(s_σk / τ) / Σ_{j≥k} exp(s_σj / τ) over permutations σ of N patches (§5)."""
 
     def __init__(self, num_patches: int):
         super().__init__()
@@ -166,7 +168,7 @@ class PlackettLuce(nn.Module):
         return policy
 
     def log_prob(self, perm: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-        """log p(perm) under logits / tau for perm [N] -> [] or [B, N] -> [B] (float32, any logits)."""
+        """log p(perm) under logits / tau: perm [N] -> [], [B, N] -> [B] (float32, any logits)."""
         s = self.logits.float()[perm] / tau
         # log Σ_{j≥k} exp(s_σj): a cumulative logsumexp over the sequence read backwards
         tail = torch.logcumsumexp(s.flip(-1), dim=-1).flip(-1)
@@ -175,8 +177,8 @@ class PlackettLuce(nn.Module):
     def sample(self, batch_size: int, tau: float, generator: Optional[torch.Generator] = None):
         """(perm [B, N], log_prob [B]) by Gumbel-top-k: argsort(s / tau + g), g ~ Gumbel(0, 1).
 
-        An exact Plackett-Luce sample with logits s / tau, scored under the same logits. tau <= 0 gives
-        the mode for every row and a zero log-prob (no sampling, no policy gradient).
+        An exact Plackett-Luce sample with logits s / tau, scored under the same logits. tau <= 0
+        gives the mode for every row and a zero log-prob (no sampling, no policy gradient).
         """
         n = self.logits.numel()
         if tau <= 0:
@@ -194,7 +196,7 @@ class PlackettLuce(nn.Module):
 
 def reinforce_loss(log_prob: torch.Tensor, reward: torch.Tensor, baseline) -> torch.Tensor:
     """-mean((r - b) · log p(σ)) (§5): its gradient estimates -∇ E[r] without bias when b does not
-    depend on σ. reward [B], baseline scalar or [B], log_prob [B] (one order per image) or [] (per batch)."""
+    depend on σ. reward [B], baseline scalar or [B], log_prob [B] (an order per image) or []."""
     advantage = (reward - baseline).detach()
     return -(advantage * log_prob).mean()
 
@@ -222,8 +224,16 @@ class EMABaseline:
         self.momentum, self.value = state["momentum"], state["value"]
 
 
+def triangle_tau(step: int, steps: int, tau_max: float) -> float:
+    """Temperature at `step` of a learning phase of `steps` steps: a triangle 0 -> tau_max -> 0, one
+    value per step, never exactly 0 inside the phase (0 outside it). The released code steps it once
+    per epoch, so tau barely leaves 0 there; the paper's curriculum means it per step."""
+    t = (step + 0.5) / steps
+    return tau_max * max(0.0, 1 - abs(2 * t - 1)) if 0 < t < 1 else 0.0
+
+
 def loo_baseline(reward: torch.Tensor) -> torch.Tensor:
-    """Leave-one-out baseline b_i = mean_{j≠i} r_j for one order per image (Kool et al., 2019). [B] -> [B]"""
+    """Leave-one-out baseline b_i = mean_{j≠i} r_j (Kool et al., 2019): [B] -> [B]."""
     b = reward.numel()
     if b < 2:
         raise ValueError("the leave-one-out baseline needs at least 2 images per batch")
@@ -237,7 +247,7 @@ def loo_baseline(reward: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 def window_mask(n: int, window: int, device=None) -> torch.Tensor:
-    """Boolean [1+n, 1+n] mask, True = may attend: token 0 (CLS) is global, tokens 1..n see ±window."""
+    """Boolean [1+n, 1+n] mask, True = may attend: token 0 (CLS) is global, tokens see ±window."""
     pos = torch.arange(1 + n, device=device)
     mask = (pos[:, None] - pos[None, :]).abs() <= window
     mask[0, :] = True
@@ -246,15 +256,16 @@ def window_mask(n: int, window: int, device=None) -> torch.Tensor:
 
 
 def banded_attention(q, k, v, window: int, chunk: Optional[int] = None):
-    """Windowed attention in O(N · window) time and memory, equal to dense attention under window_mask.
+    """Windowed attention in O(N · window) time and memory, equal to dense attention under
+    window_mask.
 
-    q, k, v: [B, H, 1+N, d], token 0 global. The N tokens are cut into m chunks of C >= window slots
-    (default max(16, window)). Keys and values are laid out as one strip in which every chunk is
-    preceded by a copy of CLS: [CLS, chunk 0, CLS, chunk 1, ...]. The keys a chunk's queries may need
-    (CLS, then its chunk and `window` tokens either side) are then one contiguous stretch of that
-    strip, so all m key blocks are overlapping strided views of it, never copies, and one call of the
-    fused attention kernel scores each query against C + 2·window + 2 keys instead of N. Each stretch
-    also holds the next chunk's CLS copy, which the mask hides. Returns [B, H, 1+N, d].
+    q, k, v: [B, H, 1+N, d], token 0 global. The N tokens are cut into m chunks of C >= window
+    slots (default max(16, window)). Keys and values are laid out as one strip in which every chunk
+    is preceded by a copy of CLS: [CLS, chunk 0, CLS, chunk 1, ...]. The keys a chunk's queries may
+    need (CLS, then its chunk and `window` tokens either side) are then one contiguous stretch of
+    that strip, so all m key blocks are overlapping strided views of it, never copies, and one call
+    of the fused attention kernel scores each query against C + 2·window + 2 keys instead of N.
+    Each stretch also holds the next chunk's CLS copy, which the mask hides. Returns [B, H, 1+N, d].
     """
     B, H, L, d = q.shape
     n = L - 1
@@ -270,19 +281,20 @@ def banded_attention(q, k, v, window: int, chunk: Optional[int] = None):
         strip = F.pad(strip.view(B, H, m * (C + 1), d), (0, 0, window, window + 1))
         return strip.unfold(2, K, C + 1).transpose(-1, -2).reshape(B * H, m, K, d)
 
-    # Key u of chunk j sits r = u - window strip slots after the chunk's CLS copy: r = 0 is that CLS,
-    # r = C + 1 the next chunk's, any other r a token, at sequence slot j*C + r minus the CLS copies
-    # passed. Query i of chunk j is at slot j*C + i.
+    # Key u of chunk j sits r = u - window strip slots after the chunk's CLS copy: r = 0 is that
+    # CLS, r = C + 1 the next chunk's, any other r a token, at sequence slot j*C + r minus the CLS
+    # copies passed. Query i of chunk j is at slot j*C + i.
     i = torch.arange(C, device=q.device)[:, None]
     u = torch.arange(K, device=q.device)
     j = torch.arange(m, device=q.device)[:, None, None]
     r = u - window
     slot = j * C + r - (r > 0).long() - (r > C + 1).long()
     is_token = (r != 0) & (r != C + 1)
-    allowed = (r == 0) | (is_token & ((slot - j * C - i).abs() <= window) & (slot >= 0) & (slot < n))
+    near = (slot - j * C - i).abs() <= window
+    allowed = (r == 0) | (is_token & near & (slot >= 0) & (slot < n))
     q_tok = F.pad(q[:, :, 1:], (0, 0, 0, pad)).reshape(B * H, m, C, d)
     out = F.scaled_dot_product_attention(q_tok, key_blocks(k), key_blocks(v),
-                                         attn_mask=allowed[None])  # 4-D, as the fused CPU kernel requires
+                                         attn_mask=allowed[None])  # 4-D: the fused CPU kernel's
     return torch.cat([out_cls, out.reshape(B, H, m * C, d)[:, :, :n]], dim=2)
 
 
@@ -295,7 +307,7 @@ def window_attention(q, k, v, window: Optional[int]):
     n = q.shape[-2] - 1
     if window is None or window >= n - 1:
         return F.scaled_dot_product_attention(q, k, v)
-    if n <= 256 or 4 * window >= n:  # where dense is as fast on CPU (tests/bench_attention.py)
+    if n <= 256 or 4 * window >= n:  # where dense is as fast on CPU (tests/bench.py)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(n, window, q.device))
     return banded_attention(q, k, v, window)
 
@@ -355,7 +367,7 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    """Pre-norm ViT with a global CLS token and windowed attention over a reordered patch sequence."""
+    """Pre-norm ViT with a global CLS token and windowed attention over a reordered sequence."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -385,11 +397,13 @@ class ViT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, images: torch.Tensor, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Class logits [B, num_classes] for images [B, C, H, W], patches read in order perm ([N] or [B, N])."""
+        """Class logits [B, classes] of images [B, C, H, W], patches read in order perm [N] or
+        [B, N] (None: row-major)."""
         C, H, W = images.shape[1:]
         p, (h, w) = self.cfg.patch_size, self.grid
         if (C, H, W) != (self.cfg.in_chans, h * p, w * p):
-            raise ValueError(f"model expects images of {self.cfg.in_chans}x{h * p}x{w * p}, got {C}x{H}x{W}")
+            raise ValueError(f"model expects images of {self.cfg.in_chans}x{h * p}x{w * p}, "
+                             f"got {C}x{H}x{W}")
         x = self.patch_embed(patchify(images, p)) + self.pos_embed
         if perm is not None:
             x = permute(x, perm)

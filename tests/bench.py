@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import prior  # noqa: E402
+import data  # noqa: E402
 import reorder  # noqa: E402
 import train  # noqa: E402
 
@@ -111,16 +112,11 @@ def bench_attention(args, device):
 
 
 def training_step(model, optimizer, images, labels, perm, dtype):
-    """One of train.py's steps, without the data: forward, cross-entropy, backward, clip 5, AdamW."""
-    def fn():
-        with torch.autocast(images.device.type, dtype=dtype) if dtype else torch.autocast("cpu", enabled=False):
-            logits = model(images, perm)
-        loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optimizer.step()
-    return fn
+    """train.model_step on fixed inputs: forward, cross-entropy, backward, clip 5, AdamW, schedule."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler(images.device.type, enabled=dtype == torch.float16)
+    return lambda: train.model_step(model, optimizer, scheduler, scaler, images, labels, perm, dtype,
+                                    5.0)
 
 
 def setup(preset, img_size, patch, window, batch, device):
@@ -174,9 +170,9 @@ def bench_policy(args, device):
 
 
 def bench_prior(args, device):
-    have_fmnist = os.path.exists(os.path.join(train.FMNIST_DIR, "train-images-idx3-ubyte.gz"))
+    have_fmnist = os.path.exists(os.path.join(data.FMNIST_DIR, "train-images-idx3-ubyte.gz"))
     source = "fashion-mnist" if have_fmnist else "synthetic"
-    images = prior.sample_images(train.build_dataset(source, None, "train", 32), args.prior_n, 0)
+    images = prior.sample_images(data.build_dataset(source, None, "train", 32), args.prior_n, 0)
     vectors = reorder.patchify(images, 4)
 
     def best_of(fn, repeats=3):

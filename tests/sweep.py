@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 import reorder  # noqa: E402
 import train  # noqa: E402
 
@@ -52,7 +53,7 @@ def runs(groups, out):
             if name != "prior" and "fixed" in groups:
                 jobs.append(("fixed", name, seed, fmnist))
             if name != "prior" and "full" in groups:
-                jobs.append(("full", name, seed, fmnist + ["--window", "0"]))
+                jobs.append(("full", name, seed, fmnist + ["--window", "none"]))
             if "learn" in groups:
                 jobs.append(("learn", name, seed, fmnist + ["--learn-order"]))
         if "pairs" in groups:
@@ -98,9 +99,9 @@ def collect(jobs):
                "seconds": round(sum(e["seconds"] for e in h), 1), "learned_shift": round(h[-1]["order_shift"], 2)}
         if group.startswith("pairs"):
             start = train.load_checkpoint(os.path.join(run_dir, "last.pt"))["start_perm"]
-            final = train.load_order(os.path.join(run_dir, "order.pt"), PAIR_GRID[0] * PAIR_GRID[1])
-            row["pair_distance_start"] = train.pair_distance(start, *PAIR_GRID)
-            row["pair_distance_final"] = train.pair_distance(final, *PAIR_GRID)
+            final = data.load_order(os.path.join(run_dir, "order.pt"), PAIR_GRID[0] * PAIR_GRID[1])
+            row["pair_distance_start"] = data.pair_distance(start, *PAIR_GRID)
+            row["pair_distance_final"] = data.pair_distance(final, *PAIR_GRID)
         if order == "prior":
             with open(os.path.join(run_dir, "config.json")) as f:
                 row["order"] = json.load(f)["order_name"]
@@ -175,7 +176,7 @@ def main(argv=None):
         ap.error(f"unknown group(s) {', '.join(sorted(groups - {'fixed', 'full', 'learn', 'pairs'}))}")
     os.makedirs(args.out, exist_ok=True)
     if "pairs" in groups:
-        train.save_order(os.path.join(args.out, "pair_order.pt"), train.pair_order(*PAIR_GRID), PAIR_GRID)
+        data.save_order(os.path.join(args.out, "pair_order.pt"), data.pair_order(*PAIR_GRID), PAIR_GRID)
     jobs = runs(groups, args.out)
     if not args.report:
         t0 = time.time()

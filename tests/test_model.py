@@ -1,4 +1,4 @@
-"""Windowed attention against a dense reference; the ViT's order (in)variance, presets, vendoring."""
+"""Windowed attention against a dense reference; the ViT's order (in)variance; vendoring."""
 import ast
 import os
 import shutil
@@ -15,10 +15,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def dense_reference(q, k, v, window):
-    """Softmax attention with an explicit mask, written out: CLS row and column global, tokens ±window."""
+    """Softmax attention with an explicit mask: CLS row and column global, tokens ±window."""
     L = q.shape[-2]
     pos = torch.arange(L)
-    allowed = ((pos[:, None] - pos[None, :]).abs() <= window) | (pos[:, None] == 0) | (pos[None, :] == 0)
+    near = (pos[:, None] - pos[None, :]).abs() <= window
+    allowed = near | (pos[:, None] == 0) | (pos[None, :] == 0)
     scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
     return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
 
@@ -55,7 +56,8 @@ def test_window_attention_dispatch_equals_reference(n, window):
 
 def small_vit(window, **kw):
     torch.manual_seed(0)
-    cfg = vit_config("tiny", img_size=(16, 20), patch_size=4, dim=32, depth=2, heads=2, window=window, **kw)
+    cfg = vit_config("tiny", img_size=(16, 20), patch_size=4, dim=32, depth=2, heads=2,
+                     window=window, **kw)
     return ViT(cfg).eval()
 
 
@@ -74,7 +76,8 @@ def test_windowed_attention_depends_on_the_order():
         row = model(x, order("row", 4, 5))
         return ((row - model(x, order("spiral", 4, 5))).abs().max() / row.abs().max()).item()
 
-    # at initialisation the effect is small but far above float noise (which is all full attention shows)
+    # at initialisation the effect is small but far above float noise (all that full attention
+    # shows)
     assert order_effect(small_vit(1)) > 100 * max(order_effect(small_vit(None)), 1e-7)
 
 
@@ -129,7 +132,7 @@ def test_reorder_runs_alone_in_an_empty_folder(tmp_path):
     shutil.copy(os.path.join(ROOT, "reorder.py"), tmp_path)
     (tmp_path / "use.py").write_text(
         "import os, sys\n"
-        "sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I adds no script folder\n"
+        "sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I adds no folder\n"
         "import torch, reorder\n"
         "model = reorder.ViT(reorder.vit_config('tiny', depth=1, window=3))\n"
         "policy = reorder.PlackettLuce.from_order(reorder.order('hilbert', *model.grid))\n"

@@ -1,4 +1,4 @@
-"""§3 orderings: exact sequences, permutations on any grid, a continuous generalized Hilbert curve."""
+"""§3 orderings: exact sequences, permutations on any grid, a continuous generalized Hilbert."""
 import pytest
 import torch
 
@@ -47,7 +47,8 @@ def test_random_order_depends_on_seed_only():
 
 
 def standard_hilbert(n):
-    """The textbook d -> (x, y) Hilbert curve on an n x n grid, n a power of two, written independently."""
+    """The textbook d -> (x, y) Hilbert curve on an n x n grid (n a power of two), written
+    independently."""
     cells = []
     for d in range(n * n):
         x = y = 0
@@ -69,7 +70,7 @@ def standard_hilbert(n):
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 32])
 def test_hilbert_equals_standard_curve_on_power_of_two_squares(n):
-    # PAPER.md: the standard curve with its x coordinate read as the row
+    # the paper's released code: the standard curve with its x coordinate read as the row
     expected = [x * n + y for x, y in standard_hilbert(n)]
     perm = order("hilbert", n, n).tolist()
     assert perm == expected
@@ -94,7 +95,8 @@ def test_hilbert_steps_between_neighbours_on_every_grid_up_to_20():
 
 
 def test_unknown_order_lists_valid_names():
-    with pytest.raises(ValueError, match="unknown order 'zigzag'.*row, column, hilbert, spiral, diagonal, snake"):
+    names = "row, column, hilbert, spiral, diagonal, snake"
+    with pytest.raises(ValueError, match=f"unknown order 'zigzag'.*{names}"):
         order("zigzag", 4, 4)
 
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from reorder import ORDERS, EMABaseline, PlackettLuce, loo_baseline, order, reinforce_loss
+from reorder import (ORDERS, EMABaseline, PlackettLuce, loo_baseline, order, reinforce_loss,
+                     triangle_tau)
 
 
 def all_perms(n):
@@ -43,7 +44,8 @@ def test_sample_frequencies_match_exact_probabilities():
     expected = policy.log_prob(perms, tau).exp().detach() * draws
     sample, logp = policy.sample(draws, tau)
     code = (sample * torch.tensor([64, 16, 4, 1])).sum(-1)
-    observed = torch.stack([(code == c).sum() for c in (perms * torch.tensor([64, 16, 4, 1])).sum(-1)])
+    codes = (perms * torch.tensor([64, 16, 4, 1])).sum(-1)
+    observed = torch.stack([(code == c).sum() for c in codes])
     chi2 = ((observed - expected) ** 2 / expected).sum().item()
     assert chi2 < 49.73  # 23 degrees of freedom, p = 0.001
     assert torch.allclose(logp, policy.log_prob(sample, tau))  # scored under the same logits / tau
@@ -78,6 +80,15 @@ def test_gumbel_noise_never_takes_log_of_zero(monkeypatch):
     monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor([[0.0, 1.0, 0.5]]))
     perm, logp = policy_with([0.0, 0.0, 0.0]).sample(1, 1.0)
     assert sorted(perm[0].tolist()) == [0, 1, 2] and torch.isfinite(logp).all()
+
+
+def test_temperature_is_a_per_step_triangle():
+    taus = [triangle_tau(step - 10, 20, 1.0) for step in range(40)]
+    assert taus[:10] == [0] * 10 and taus[30:] == [0] * 10
+    inside = taus[10:30]
+    assert all(t > 0 for t in inside) and max(inside) > 0.9
+    assert inside == pytest.approx(inside[::-1])  # symmetric
+    assert all(a < b for a, b in zip(inside[:10], inside[1:10]))  # rises every step
 
 
 def reward_table(n, seed=0):

@@ -89,14 +89,17 @@ def test_same_seed_gives_identical_json_for_any_number_of_workers(tmp_path):
     assert code1 == code2 == code3 == 0
     assert a.read_bytes() == first
     ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
-    ja["config"].pop("out"), jb["config"].pop("out"), ja["config"].pop("workers"), jb["config"].pop("workers")
+    for j in (ja, jb):
+        j["config"].pop("out"), j["config"].pop("workers")
     assert ja == jb
 
 
 @pytest.mark.parametrize("args,message", [
     (["--data", "synthetic", "--n", "0"], "--n must be at least 1"),
-    (["--data", "synthetic", "--img-size", "30", "--patch", "4"], "image size 30x30 is not divisible by patch size 4"),
-    (["--data", "folder", "--root", "/nonexistent/place"], "data folder /nonexistent/place/train not found"),
+    (["--data", "synthetic", "--img-size", "30", "--patch", "4"],
+     "image size 30x30 is not divisible by patch size 4"),
+    (["--data", "folder", "--root", "/nonexistent/place"],
+     "data folder /nonexistent/place/train not found"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
     assert prior.main(args + ["--out", str(tmp_path / "x.json")]) == 2
@@ -107,14 +110,16 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
 
 def test_an_empty_folder_is_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "train" / "cats").mkdir(parents=True)
-    assert prior.main(["--data", "folder", "--root", str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2
+    out = str(tmp_path / "x.json")
+    assert prior.main(["--data", "folder", "--root", str(tmp_path), "--out", out]) == 2
     err = capsys.readouterr().err
     assert "no images in" in err and err.count("\n") == 1
 
 
-@pytest.mark.skipif(not os.path.exists(FMNIST), reason="Debian's dataset-fashion-mnist is not installed")
+@pytest.mark.skipif(not os.path.exists(FMNIST), reason="Debian's dataset-fashion-mnist is missing")
 def test_fashion_mnist_prior_runs(tmp_path, capsys):
-    assert prior.main(["--data", "fashion-mnist", "--n", "200", "--out", str(tmp_path / "p.json")]) == 0
+    out = str(tmp_path / "p.json")
+    assert prior.main(["--data", "fashion-mnist", "--n", "200", "--out", out]) == 0
     table = json.loads((tmp_path / "p.json").read_text())
     assert sorted(table["orders"]) == sorted(prior.reorder.ORDERS) and table["images"] == 200
     assert table["pick"] in table["orders"]

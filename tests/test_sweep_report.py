@@ -19,9 +19,11 @@ def test_report_gives_mean_std_spread_and_reorder_minus_its_start(tmp_path):
     assert "| row | 72.00 ± 2.00 (n=3) | 73.00 ± 2.00 (n=3) |" in text
     assert "| column | 62.00 ± 2.00 (n=3) | 59.00 ± 2.00 (n=3) |" in text
     assert "| prior:diagonal |  | 50.00 ± 0.00 (n=3) |" in text
-    assert "fixed: spread across orderings (max - min of means) 10.00, mean seed-to-seed std 2.00" in text
-    assert "learn: spread across orderings (max - min of means) 14.00" in text  # prior runs kept apart
-    assert "REOrder minus its fixed start, averaged over orderings: -1.00 (1 of 2 orderings above)" in text
+    spread = "spread across orderings (max - min of means)"
+    assert f"fixed: {spread} 10.00, mean seed-to-seed std 2.00" in text
+    assert f"learn: {spread} 14.00" in text  # prior runs kept apart
+    assert ("REOrder minus its fixed start, averaged over orderings: -1.00 (1 of 2 orderings above)"
+            in text)
     with open(tmp_path / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     assert (tmp_path / "results.md").read_text() == text

@@ -1,7 +1,6 @@
-"""train.py: the curriculum end to end, the data loaders, resume after SIGKILL, 2-rank DDP, bad input."""
+"""train.py: the curriculum end to end, resume after SIGKILL, 2-rank DDP, bad input."""
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -11,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import reorder
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
-TINY = ["--data", "synthetic", "--subset", "128", "--val-subset", "64", "--batch-size", "16", "--img-size", "16",
-        "--patch", "4", "--depth", "1", "--dim", "32", "--heads", "2", "--quiet"]
+TINY = ["--data", "synthetic", "--subset", "128", "--val-subset", "64", "--batch-size", "16",
+        "--img-size", "16", "--patch", "4", "--depth", "1", "--dim", "32", "--heads", "2",
+        "--quiet"]
 
 
 def run(tmp_path, *args, name="run"):
@@ -29,17 +29,19 @@ def metrics(out):
         return [json.loads(line) for line in f]
 
 
-# ---- the curriculum -------------------------------------------------------------------------------
+# ---- the curriculum ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("granularity,baseline", [("batch", "ema"), ("image", "loo")])
 def test_learn_order_passes_through_all_three_phases(tmp_path, granularity, baseline):
-    summary = run(tmp_path, "--epochs", "4", "--learn-order", "--order", "hilbert", "--policy-lr", "0.05",
-                  "--granularity", granularity, "--baseline", baseline)
+    summary = run(tmp_path, "--epochs", "4", "--learn-order", "--order", "hilbert",
+                  "--policy-lr", "0.05", "--granularity", granularity, "--baseline", baseline)
     out, lines = summary["out"], metrics(summary["out"])
     assert [m["phase"] for m in lines] == ["fixed", "learn", "finetune", "finetune"]
     assert lines[0]["tau"] == 0 and lines[2]["tau"] == 0 and 0.3 < lines[1]["tau"] / 0.2 < 0.7
-    assert lines[0]["reward"] is None and lines[1]["reward"] < 0 and lines[1]["entropy"] > 0
-    assert lines[0]["order_shift"] == 0 and lines[1]["order_shift"] > 0  # the policy moved the order
+    # the reward is -cross-entropy of the trained order: the learning epoch's mean is -train loss
+    assert lines[0]["reward"] is None
+    assert lines[1]["reward"] == pytest.approx(-lines[1]["train_loss"], rel=1e-5)
+    assert lines[0]["order_shift"] == 0 and lines[1]["order_shift"] > 0  # the policy moved it
     assert lines[2]["order_shift"] == lines[3]["order_shift"]  # frozen after learning
     for m in lines:
         assert 0 <= m["val_top1"] <= m["val_top5"] <= 100 and np.isfinite(m["train_loss"])
@@ -47,7 +49,8 @@ def test_learn_order_passes_through_all_three_phases(tmp_path, granularity, base
         assert os.path.isfile(os.path.join(out, name)), name
     saved = torch.load(os.path.join(out, "order.pt"), weights_only=True)
     assert torch.equal(saved["perm"], summary["order"]) and saved["grid"] == [4, 4]
-    assert torch.equal(summary["order"], torch.argsort(summary["policy_logits"], descending=True, stable=True))
+    mode = torch.argsort(summary["policy_logits"], descending=True, stable=True)
+    assert torch.equal(summary["order"], mode)
     with open(os.path.join(out, "order.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -64,7 +67,8 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path):
 
 def test_a_saved_order_is_loadable_with_order_path(tmp_path):
     first = run(tmp_path, "--epochs", "1", "--order", "spiral", name="a")
-    second = run(tmp_path, "--epochs", "1", "--order", os.path.join(first["out"], "order.pt"), name="b")
+    saved = os.path.join(first["out"], "order.pt")
+    second = run(tmp_path, "--epochs", "1", "--order", saved, name="b")
     assert torch.equal(second["order"], reorder.order("spiral", 4, 4))
 
 
@@ -74,15 +78,6 @@ def test_order_prior_starts_from_the_least_compressible_order(tmp_path):
         table = json.load(f)
     worst = max(table["orders"], key=lambda name: table["orders"][name]["rank"])
     assert torch.equal(summary["order"], reorder.order(worst, 4, 4))
-
-
-def test_temperature_is_a_per_step_triangle():
-    taus = [train.tau_at(step, 10, 20) for step in range(40)]
-    assert taus[:10] == [0] * 10 and taus[30:] == [0] * 10
-    inside = taus[10:30]
-    assert all(t > 0 for t in inside) and max(inside) > 0.9
-    assert inside == pytest.approx(inside[::-1])  # symmetric
-    assert all(a < b for a, b in zip(inside[:10], inside[1:10]))  # rises every step
 
 
 def test_learning_rate_warms_up_then_decays_to_one_percent():
@@ -98,102 +93,38 @@ def test_default_curriculum_scales_the_papers_epochs():
     assert (a.policy_start, a.policy_epochs) == (1, 1)
 
 
-# ---- data -----------------------------------------------------------------------------------------
-
-def write_cifar(root, n=20):
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    batches = {}
-    for name in ("data_batch_1", "test_batch"):
-        data, labels = rng.integers(0, 256, (n, 3072), dtype=np.uint8), rng.integers(0, 10, n).tolist()
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": data, "labels": labels}, f)
-        batches[name] = (data, labels)
-    return batches
-
-
-def test_cifar10_loader_reads_the_pickle_format(tmp_path):
-    batches = write_cifar(tmp_path)
-    dataset = train.build_dataset("cifar10", str(tmp_path), "train", 32)
-    data, labels = batches["data_batch_1"]
-    image, label = dataset[3]
-    mean, std = (torch.tensor(v)[:, None, None] for v in train.MEAN_STD["cifar10"])
-    pixels = torch.round((image * std + mean) * 255).to(torch.uint8)
-    assert len(dataset) == 20 and label == labels[3]
-    assert torch.equal(pixels, torch.from_numpy(data[3].reshape(3, 32, 32)))  # channels, rows, columns
-    assert len(train.build_dataset("cifar10", str(tmp_path), "val", 32)) == 20
-    summary = train.main(["--data", "cifar10", "--root", str(tmp_path), "--batch-size", "8", "--epochs", "1",
-                          "--depth", "1", "--dim", "32", "--heads", "2", "--quiet", "--out", str(tmp_path / "run")])
-    assert len(metrics(summary["out"])) == 1
-
-
-def write_jpegs(root, classes=("cat", "dog"), per_class=4, size=(40, 50)):
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in classes:
-            (root / split / c).mkdir(parents=True)
-            for i in range(per_class):
-                pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / c / f"{i}.jpg")
-
-
-def test_image_folder_loader_resizes_and_skips_unreadable_images(tmp_path, capsys):
-    write_jpegs(tmp_path)
-    (tmp_path / "train" / "dog" / "broken.jpg").write_bytes(b"not a jpeg at all")
-    dataset = train.build_dataset("folder", str(tmp_path), "train", 32)
-    assert dataset.classes == ["cat", "dog"] and len(dataset) == 9
-    image, label = dataset[0]
-    assert image.shape == (3, 32, 32) and label == 0
-    summary = train.main(["--data", "folder", "--root", str(tmp_path), "--batch-size", "3", "--epochs", "1",
-                          "--depth", "1", "--dim", "32", "--heads", "2", "--workers", "0", "--quiet",
-                          "--out", str(tmp_path / "run")])
-    assert len(metrics(summary["out"])) == 1
-    assert "warning: skipping unreadable image" in capsys.readouterr().err
-
-
-@pytest.mark.skipif(not os.path.exists(FMNIST), reason="Debian's dataset-fashion-mnist is not installed")
-def test_fashion_mnist_loader_reads_debians_files():
-    train_set = train.build_dataset("fashion-mnist", None, "train", 32)
-    val_set = train.build_dataset("fashion-mnist", None, "val", 32)
-    assert len(train_set) == 60000 and len(val_set) == 10000
-    image, label = train_set[0]
-    mean, std = train.MEAN_STD["fashion-mnist"]
-    pixels = image * std[0] + mean[0]
-    assert image.shape == (1, 32, 32) and 0 <= label < 10
-    assert pixels[:, :2].abs().max() < 1e-6 and pixels.max() > 0.5  # padded border, real content
-
-
 # ---- resume and DDP (real processes) ------------------------------------------------------------
 
-RESUME_FLAGS = ["--data", "synthetic", "--subset", "1024", "--val-subset", "64", "--batch-size", "8",
-                "--img-size", "16", "--patch", "4", "--depth", "2", "--dim", "32", "--heads", "2",
-                "--epochs", "3", "--learn-order", "--policy-lr", "0.05", "--save-every", "4", "--seed", "3",
-                "--quiet"]
+RESUME_FLAGS = ["--data", "synthetic", "--subset", "1024", "--val-subset", "64", "--batch-size",
+                "8", "--img-size", "16", "--patch", "4", "--depth", "2", "--dim", "32", "--heads",
+                "2", "--epochs", "3", "--learn-order", "--policy-lr", "0.05", "--save-every", "4",
+                "--seed", "3", "--quiet"]
 
 
 def train_cmd(out, *extra):
-    return [sys.executable, os.path.join(ROOT, "train.py"), *RESUME_FLAGS, "--out", str(out), *extra]
+    return [sys.executable, os.path.join(ROOT, "train.py"), *RESUME_FLAGS, "--out", str(out),
+            *extra]
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
-    whole = subprocess.run(train_cmd(tmp_path / "whole"), capture_output=True, text=True, timeout=300)
+    whole = subprocess.run(train_cmd(tmp_path / "whole"), capture_output=True, text=True,
+                           timeout=300)
     assert whole.returncode == 0, whole.stderr
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt, deadline = None, time.time() + 240
-    while proc.poll() is None and time.time() < deadline:  # kill once a mid-epoch checkpoint is down
+    while proc.poll() is None and time.time() < deadline:  # kill after a mid-epoch checkpoint
         if (killed / "last.pt").exists():
             ckpt = torch.load(killed / "last.pt", weights_only=True)
-            if ckpt["epoch"] >= 1 and ckpt["done_in_epoch"] >= 8:
+            if ckpt["progress"]["epoch"] >= 1 and ckpt["progress"]["done_in_epoch"] >= 8:
                 proc.send_signal(signal.SIGKILL)
                 break
         time.sleep(0.05)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    resumed = subprocess.run(train_cmd(killed, "--resume"), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(train_cmd(killed, "--resume"), capture_output=True, text=True,
+                             timeout=300)
     assert resumed.returncode == 0, resumed.stderr
 
     a, b = metrics(tmp_path / "whole"), metrics(killed)
@@ -216,11 +147,12 @@ def test_two_ddp_ranks_end_with_identical_policy_logits(tmp_path):
         f"sys.path.insert(0, {ROOT!r})\n"
         "import train\n"
         "summary = train.main(sys.argv[1:])\n"
-        "torch.save(summary['policy_logits'], os.path.join(summary['out'], f\"rank{os.environ['RANK']}.pt\"))\n")
+        "rank = os.environ['RANK']\n"
+        "torch.save(summary['policy_logits'], os.path.join(summary['out'], f'rank{rank}.pt'))\n")
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           *TINY, "--epochs", "3", "--learn-order", "--policy-lr", "0.05", "--granularity", "image",
-           "--out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), *TINY, "--epochs", "3", "--learn-order", "--policy-lr", "0.05",
+           "--granularity", "image", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -231,7 +163,7 @@ def test_two_ddp_ranks_end_with_identical_policy_logits(tmp_path):
     assert [m["phase"] for m in metrics(out)] == ["fixed", "learn", "finetune"]
 
 
-# ---- bad input: one line, exit status 2, nothing overwritten ----------------------------------------
+# ---- bad input: one line, exit status 2, nothing overwritten -------------------------------------
 
 def fails(capsys, argv, message):
     with pytest.raises(SystemExit) as e:
@@ -245,10 +177,11 @@ def fails(capsys, argv, message):
 @pytest.mark.parametrize("extra,message", [
     (["--order", "zigzag"], "unknown order 'zigzag'"),
     (["--img-size", "30"], "image size 30x30 is not divisible by patch size 4"),
-    (["--window", "-2"], "--window must be >= 0"),
+    (["--window", "-2"], "window must be >= 0"),
     (["--window", "wide"], "expected an integer or none"),
     (["--learn-order", "--baseline", "loo"], "--baseline loo needs --granularity image"),
-    (["--epochs", "4", "--learn-order", "--policy-start", "3", "--policy-epochs", "3"], "exceeds --epochs 4"),
+    (["--epochs", "4", "--learn-order", "--policy-start", "3", "--policy-epochs", "3"],
+     "exceeds --epochs 4"),
     (["--resume"], "nothing to resume"),
     (["--batch-size", "1000"], "fewer than one batch"),
     pytest.param(["--device", "cuda"], "torch sees no CUDA device", marks=pytest.mark.skipif(
@@ -260,13 +193,12 @@ def test_bad_flags(tmp_path, capsys, extra, message):
 
 
 def test_missing_and_empty_data_folders(tmp_path, capsys):
-    fails(capsys, ["--data", "folder", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")],
-          "data folder")
+    out = ["--out", str(tmp_path / "r")]
+    fails(capsys, ["--data", "folder", "--root", str(tmp_path / "nowhere"), *out], "data folder")
     (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
     (tmp_path / "empty" / "val" / "cat").mkdir(parents=True)
-    fails(capsys, ["--data", "folder", "--root", str(tmp_path / "empty"), "--out", str(tmp_path / "r")],
-          "no images in")
-    fails(capsys, ["--data", "cifar10", "--root", str(tmp_path / "nocifar"), "--out", str(tmp_path / "r")],
+    fails(capsys, ["--data", "folder", "--root", str(tmp_path / "empty"), *out], "no images in")
+    fails(capsys, ["--data", "cifar10", "--root", str(tmp_path / "nocifar"), *out],
           "--data fashion-mnist")
     assert not (tmp_path / "r").exists()
 
@@ -280,15 +212,42 @@ def test_corrupt_mismatched_and_existing_checkpoints(tmp_path, capsys):
 
     run(tmp_path, "--epochs", "1", name="good")
     before = (tmp_path / "good" / "last.pt").read_bytes()
-    fails(capsys, [*TINY, "--out", str(tmp_path / "good"), "--epochs", "1", "--window", "3", "--resume"],
+    fails(capsys, [*TINY, "--out", str(tmp_path / "good"), "--epochs", "1", "--window", "3",
+                   "--resume"],
           "does not match this run: it was trained with --window 7 (now 3)")
     fails(capsys, [*TINY, "--out", str(tmp_path / "good"), "--epochs", "1"], "already holds a run")
     assert (tmp_path / "good" / "last.pt").read_bytes() == before
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    fails(capsys, [*TINY, "--out", str(tmp_path / "run"), "--epochs", "1", "--lr", "1e30", "--save-every", "1"],
+    fails(capsys, [*TINY, "--out", str(tmp_path / "run"), "--epochs", "1", "--lr", "1e30",
+                   "--save-every", "1"],
           "at step")
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert ckpt["done_in_epoch"] >= 1
+    assert ckpt["progress"]["done_in_epoch"] >= 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+# ---- the picture of the orders -------------------------------------------------------------------
+
+def test_draw_orders_writes_every_order_and_a_saved_one_in_one_png(tmp_path):
+    from PIL import Image
+    saved = tmp_path / "order.pt"
+    data.save_order(str(saved), reorder.order("spiral", 4, 4).flip(0), (4, 4))
+    path = tmp_path / "orders.png"
+    train.main(["--draw-orders", str(path), "--img-size", "16", "--patch", "4",
+                "--order", str(saved)])
+    sheet = Image.open(path).convert("RGB")
+    cell, columns = 224 // 4, 4
+    panel = 4 * cell
+    assert sheet.size == (columns * (panel + 12) + 12, 2 * (panel + 30) + 12)  # 8 panels, 2 rows
+    for k, perm in enumerate([reorder.order(name, 4, 4) for name in reorder.ORDERS]
+                             + [reorder.order("random", 4, 4), perm_of(saved)]):
+        x0, y0 = 12 + (k % columns) * (panel + 12), 12 + (k // columns) * (panel + 30) + 16
+        for slot, colour in ((0, (68, 1, 84)), (15, (253, 231, 37))):  # viridis' two ends
+            r, c = divmod(int(perm[slot]), 4)
+            assert sheet.getpixel((x0 + c * cell + 2, y0 + r * cell + 2)) == colour, (k, slot)
+
+
+def perm_of(path):
+    return torch.load(path, weights_only=True)["perm"]

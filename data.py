@@ -1,0 +1,354 @@
+"""The data layer that train.py and prior.py share: data sets, known-answer tasks, saved orders.
+
+Every data set yields (float image [C, H, W], normalized; int label). The only random augmentation,
+the paper's horizontal flip, is a pure function of (seed, epoch, index), so a resumed run sees
+exactly the images it would have seen, whatever the number of loader workers. Bad input raises
+UsageError, which both command lines print as one line with exit status 2.
+"""
+import argparse
+import gzip
+import hashlib
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset
+
+import reorder
+
+DATASETS = ("cifar10", "fashion-mnist", "imagenet", "fmow", "folder", "synthetic", "pairs")
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+            "fashion-mnist": ((0.2860,), (0.3530,)),
+            "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}  # ImageNet's, also fMoW's
+
+
+class UsageError(ValueError):
+    """Bad input: reported as one line, exit status 2, nothing overwritten."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with errors on one line (exit status 2) instead of usage text plus the error."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+@contextmanager
+def atomic_path(path):
+    """A temporary path beside `path`, renamed onto it when the block ends: never a torn file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    yield tmp
+    os.replace(tmp, path)
+
+
+def atomic_save(obj, path):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+# --------------------------------------------------------------------------------------------------
+# Image data sets
+# --------------------------------------------------------------------------------------------------
+
+class TensorImages(Dataset):
+    """Images held in memory as uint8 [n, C, h, w]: scaled, padded/resized to `size`, normalized."""
+
+    def __init__(self, images, labels, size, mean, std, pad_to=None, num_classes=10):
+        self.images, self.labels, self.size, self.pad_to = images, labels, size, pad_to
+        self.num_classes = num_classes
+        self.mean, self.std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        x = self.images[i].float() / 255
+        if self.pad_to:  # Fashion-MNIST: 28 -> 32, the usual padding
+            p = (self.pad_to - x.shape[-1]) // 2
+            x = F.pad(x, (p, p, p, p))
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear",
+                              antialias=True)[0]
+        return (x - self.mean) / self.std, int(self.labels[i])
+
+
+class SyntheticImages(Dataset):
+    """Class templates plus noise, generated from the index alone: for tests and smoke runs."""
+
+    def __init__(self, n, size, num_classes=10, offset=0):
+        self.n, self.size, self.num_classes, self.offset = n, size, num_classes, offset
+        g = torch.Generator().manual_seed(1234)
+        self.templates = torch.randn(num_classes, 3, size, size, generator=g)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(self.offset + i)
+        label = int(torch.randint(self.num_classes, (), generator=g))
+        noise = torch.randn(3, self.size, self.size, generator=g)
+        return self.templates[label] * 0.5 + noise, label
+
+
+class SafeImageFolder(Dataset):
+    """torchvision's ImageFolder; an unreadable image is skipped with a one-line warning (None)."""
+
+    def __init__(self, root, transform):
+        from torchvision.datasets import ImageFolder
+        try:
+            self.folder = ImageFolder(root, transform=transform)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise UsageError(f"no images in {root}: expected {root}/<class>/<image>.jpg "
+                             f"({e})") from None
+        self.classes = self.folder.classes
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, i):
+        try:
+            return self.folder[i]
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            print(f"warning: skipping unreadable image {self.folder.samples[i][0]} "
+                  f"({type(e).__name__})", file=sys.stderr)
+            return None
+
+
+def collate_skipping_none(batch):
+    return torch.utils.data.default_collate([item for item in batch if item is not None])
+
+
+class Flipped(Dataset):
+    """Horizontal flip with probability 1/2, decided by hashing (seed, epoch, index)."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        key = f"{self.seed}:{self.epoch}:{i}".encode()
+        if item is None or hashlib.blake2b(key, digest_size=1).digest()[0] < 128:
+            return item
+        return item[0].flip(-1), item[1]
+
+
+def download(dataset_class, folder, what, advice):
+    """Download a torchvision data set into `folder` (its files land under folder/...), through a
+    temporary folder, so that a failed download (offline, say) leaves nothing behind."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    created = not os.path.isdir(parent)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".download-", dir=parent)
+    try:
+        dataset_class(tmp, download=True)
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    except Exception as e:  # offline, no write access, a broken mirror: one line, no debris
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+        raise UsageError(f"{what} is not in {folder} and could not be downloaded ({reason}): "
+                         f"{advice}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created and not os.listdir(parent):
+            os.rmdir(parent)
+
+
+def read_idx(path):
+    """An IDX file (MNIST's format, gzipped) as a numpy array."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * k:8 + 4 * k], "big") for k in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist(root, split, size):
+    """Fashion-MNIST's IDX files from `root` (or root/FashionMNIST/raw, torchvision's layout). With
+    no --root: Debian's package folder if installed, else ./data, downloaded there when missing."""
+    from torchvision.datasets import FashionMNIST
+    prefix = "train" if split == "train" else "t10k"
+    names = [f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"]
+    if root is None:
+        root = FMNIST_DIR if os.path.isdir(FMNIST_DIR) else "data"
+    folders = [root, os.path.join(root, "FashionMNIST", "raw")]
+    found = [f for f in folders if all(os.path.exists(os.path.join(f, n)) for n in names)]
+    if not found:
+        download(FashionMNIST, root, f"Fashion-MNIST ({names[0]})",
+                 "install Debian's dataset-fashion-mnist, or pass --root with its .gz files")
+        return fashion_mnist(root, split, size)
+    images, labels = (torch.from_numpy(read_idx(os.path.join(found[0], n)).copy()) for n in names)
+    return TensorImages(images[:, None], labels, size, *MEAN_STD["fashion-mnist"],
+                        pad_to=32 if size >= 28 else None)
+
+
+def cifar10(root, split, size):
+    """CIFAR-10's Python pickle batches in root/cifar-10-batches-py, downloaded when missing."""
+    from torchvision.datasets import CIFAR10
+    folder = os.path.join(root, "cifar-10-batches-py")
+    if not os.path.isdir(folder):
+        download(CIFAR10, root, "CIFAR-10",
+                 "pass --root to a copy, or train offline with --data fashion-mnist")
+    names = (sorted(n for n in os.listdir(folder) if n.startswith("data_batch"))
+             if split == "train" else ["test_batch"])
+    images, labels = [], []
+    for name in names:
+        try:
+            with open(os.path.join(folder, name), "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+        except (OSError, pickle.UnpicklingError, EOFError) as e:
+            raise UsageError(f"cannot read CIFAR-10 batch {os.path.join(folder, name)} "
+                             f"({e})") from None
+        pixels = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        images.append(torch.from_numpy(pixels))
+        labels.extend(batch["labels"])
+    if not images:
+        raise UsageError(f"no CIFAR-10 batches in {folder}")
+    return TensorImages(torch.cat(images), torch.tensor(labels), size, *MEAN_STD["cifar10"])
+
+
+def image_folder(root, split, size):
+    from torchvision import transforms as T
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise UsageError(f"data folder {folder} not found: lay out --root as train/<class>/*.jpg "
+                         f"and val/<class>/*.jpg")
+    mean, std = MEAN_STD["folder"]
+    transform = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(),
+                           T.Normalize(mean, std)])  # the paper's 256 / 224, scaled to any size
+    return SafeImageFolder(folder, transform)
+
+
+# --------------------------------------------------------------------------------------------------
+# The known-answer task for orderings
+# --------------------------------------------------------------------------------------------------
+
+class PairImages(Dataset):
+    """Patch (r, c) is paired with (r + h/2, c); each patch shows one bit (plus noise).
+
+    Label 0: the bottom half repeats the top half, so every pair matches. Label 1: `mismatches`
+    random pairs differ (default: half of them). Row-major puts every pair h/2 · w slots apart,
+    beyond a small window; `pair_order` puts them side by side. Each half's patches alone are
+    uniformly random, so chance is 50%. Generated from the index alone; a horizontal flip keeps
+    the label.
+    """
+
+    num_classes = 2
+
+    def __init__(self, n, size, patch, offset=0, mismatches=None, noise=0.5):
+        h, w = reorder.grid_size(size, patch)
+        if h % 2:
+            raise UsageError(f"--data pairs needs an even number of patch rows, got {h} "
+                             f"(--img-size {size} / --patch {patch}): e.g. --img-size 32 --patch 4")
+        self.n, self.patch, self.grid, self.offset = n, patch, (h, w), offset
+        self.mismatches, self.noise = mismatches or h // 2 * w // 2, noise
+
+    def __len__(self):
+        return self.n
+
+    def bits(self, i):
+        """(bits [h, w] of image i, label, the generator that drew them)."""
+        (h, w), g = self.grid, torch.Generator().manual_seed(self.offset + i)
+        top = torch.randint(2, (h // 2 * w,), generator=g)
+        label = int(torch.randint(2, (), generator=g))
+        bottom = top.clone()
+        if label:
+            bottom[torch.randperm(len(top), generator=g)[:self.mismatches]] ^= 1
+        return torch.cat([top, bottom]).view(h, w), label, g
+
+    def __getitem__(self, i):
+        bits, label, g = self.bits(i)
+        # a bit is the patch's upper half bright (0) or dark (1), not its mean, which the patch
+        # embedding's LayerNorm removes; both patterns are their own horizontal mirror images
+        p = self.patch
+        edge = torch.where(torch.arange(p) < p // 2, 1.0, -1.0)[:, None].expand(p, p)
+        cells = edge * (1 - 2 * bits.float())[:, :, None, None]  # [h, w, p, p]
+        image = cells.permute(0, 2, 1, 3).reshape(bits.shape[0] * p, -1)  # [h*p, w*p]
+        return (image + self.noise * torch.randn(image.shape, generator=g))[None], label
+
+
+def pair_order(h, w):
+    """[h*w]: the order that puts patch (r, c) right before its partner (r + h/2, c)."""
+    top = torch.arange(h // 2 * w)
+    return torch.stack([top, top + h // 2 * w], 1).flatten()
+
+
+def pair_distance(perm, h, w):
+    """Mean number of slots between the two patches of a PairImages pair in the sequence `perm`."""
+    slots = perm.argsort()[pair_order(h, w).view(-1, 2)]  # [pairs, 2]: where each partner sits
+    return (slots[:, 0] - slots[:, 1]).abs().float().mean().item()
+
+
+# --------------------------------------------------------------------------------------------------
+# Building a data set by name
+# --------------------------------------------------------------------------------------------------
+
+def build_dataset(data, root, split, img_size, augment=False, seed=0, subset=None, patch=4):
+    """The data set `data` (one of DATASETS) for `split` ("train" or "val"); `patch` matters only
+    to "pairs", whose bits are drawn per patch. `subset` keeps a fixed random K images."""
+    if data == "synthetic":
+        dataset = SyntheticImages((subset or 2048) if split == "train" else 512, img_size,
+                                  offset=0 if split == "train" else 10**6)
+    elif data == "pairs":  # generated: train and val differ by their seeds' offset
+        dataset = PairImages((subset or 50000) if split == "train" else 5000, img_size, patch,
+                             offset=0 if split == "train" else 10**7)
+    elif data == "fashion-mnist":
+        dataset = fashion_mnist(root, split, img_size)
+    elif data == "cifar10":
+        dataset = cifar10(root or "data", split, img_size)
+    elif data in ("imagenet", "fmow", "folder"):
+        if not root:
+            raise UsageError(f"--data {data} needs --root: a folder holding train/ and val/")
+        dataset = image_folder(root, split, img_size)
+    else:
+        raise UsageError(f"unknown --data {data!r}: choose one of {', '.join(DATASETS)}")
+    if len(dataset) == 0:
+        raise UsageError(f"the {split} split of --data {data} is empty")
+    if subset and len(dataset) > subset:  # a fixed subset, the same for every --seed
+        keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:subset]
+        dataset = Subset(dataset, keep.tolist())
+    return Flipped(dataset, seed) if augment else dataset
+
+
+def base_dataset(dataset):
+    """The data set under any Subset / Flipped wrappers."""
+    while isinstance(dataset, (Subset, Flipped)):
+        dataset = dataset.dataset
+    return dataset
+
+
+def num_classes_of(dataset):
+    base = base_dataset(dataset)
+    return len(base.classes) if hasattr(base, "classes") else base.num_classes
+
+
+# --------------------------------------------------------------------------------------------------
+# Saved orders: {"perm": LongTensor [N], "grid": [h, w]}, what train.py writes as order.pt
+# --------------------------------------------------------------------------------------------------
+
+def save_order(path, perm, grid):
+    atomic_save({"perm": perm.cpu(), "grid": list(grid)}, path)
+
+
+def load_order(path, n):
+    """A saved order (order.pt of a run, or a LongTensor) of n patches."""
+    if not os.path.isfile(path):
+        raise UsageError(f"unknown order {path!r}: give one of {', '.join(reorder.ORDERS)}, "
+                         f"random, prior, or the path of a saved order.pt")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        perm = obj["perm"] if isinstance(obj, dict) else obj
+        return reorder.check_perm(perm.long(), n)
+    except Exception as e:
+        raise UsageError(f"order file {path} is not an order of {n} patches ({e})") from None
