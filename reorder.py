@@ -9,6 +9,7 @@ An ordering is a permutation `perm` of length N = h * w: perm[k] is the id of th
 sequence slot k, so `tokens[:, perm]` reorders a [B, N, D] sequence and `argsort(perm)` gives each
 patch's slot. The layout follows the paper: orderings (§3), the policy (§5), the model.
 """
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -241,23 +242,33 @@ def loo_baseline(reward: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Model: a ViT whose attention reaches ±window slots of the (reordered) sequence plus a global CLS
-# token, the paper's Longformer case. The position embedding belongs to the patch, not the slot, so
-# full attention is exactly order-invariant and every effect of the order comes from the window.
+# Model: a small ViT whose token mixer reads the (reordered) patch sequence in one of three ways,
+# the paper's three order-sensitive models. "window": attention within ±window slots plus a global
+# CLS token (Longformer). "causal": each patch attends to itself and the patches before it, CLS is
+# global (the paper's Transformer-XL as it trains: its segment memory is never used). "mamba": a
+# selective state-space scan along the sequence (Mamba-1), read out at a CLS token placed last. The
+# position embedding belongs to the patch, not the slot, so full attention is exactly
+# order-invariant and every effect of the order comes from the mixer.
 # --------------------------------------------------------------------------------------------------
 
-def window_mask(n: int, window: int, device=None) -> torch.Tensor:
-    """Boolean [1+n, 1+n] mask, True = may attend: token 0 (CLS) is global, tokens see ±window."""
+MIXERS = ("window", "causal", "mamba")
+
+
+def window_mask(n: int, window: Optional[int], causal: bool = False, device=None) -> torch.Tensor:
+    """Boolean [1+n, 1+n], True = may attend. Token 0 (CLS) sees and is seen by all; token i sees
+    tokens within ±window slots, or with `causal` only itself and the `window` before it (None:
+    no limit)."""
     pos = torch.arange(1 + n, device=device)
-    mask = (pos[:, None] - pos[None, :]).abs() <= window
+    gap = pos[:, None] - pos[None, :]  # how many slots the key is before the query
+    far = n if window is None else window
+    mask = ((gap >= 0) if causal else (gap >= -far)) & (gap <= far)
     mask[0, :] = True
     mask[:, 0] = True
     return mask
 
 
-def banded_attention(q, k, v, window: int, chunk: Optional[int] = None):
-    """Windowed attention in O(N · window) time and memory, equal to dense attention under
-    window_mask.
+def banded_attention(q, k, v, window: int, causal: bool = False, chunk: Optional[int] = None):
+    """Attention under window_mask(n, window, causal) in O(N · window) time and memory.
 
     q, k, v: [B, H, 1+N, d], token 0 global. The N tokens are cut into m chunks of C >= window
     slots (default max(16, window)). Keys and values are laid out as one strip in which every chunk
@@ -265,7 +276,8 @@ def banded_attention(q, k, v, window: int, chunk: Optional[int] = None):
     need (CLS, then its chunk and `window` tokens either side) are then one contiguous stretch of
     that strip, so all m key blocks are overlapping strided views of it, never copies, and one call
     of the fused attention kernel scores each query against C + 2·window + 2 keys instead of N.
-    Each stretch also holds the next chunk's CLS copy, which the mask hides. Returns [B, H, 1+N, d].
+    Each stretch also holds the next chunk's CLS copy, which the mask hides (as it hides the keys
+    after a query when `causal`). Returns [B, H, 1+N, d].
     """
     B, H, L, d = q.shape
     n = L - 1
@@ -290,7 +302,8 @@ def banded_attention(q, k, v, window: int, chunk: Optional[int] = None):
     r = u - window
     slot = j * C + r - (r > 0).long() - (r > C + 1).long()
     is_token = (r != 0) & (r != C + 1)
-    near = (slot - j * C - i).abs() <= window
+    gap = j * C + i - slot  # how many slots the key is before the query
+    near = ((gap >= 0) if causal else (gap >= -window)) & (gap <= window)
     allowed = (r == 0) | (is_token & near & (slot >= 0) & (slot < n))
     q_tok = F.pad(q[:, :, 1:], (0, 0, 0, pad)).reshape(B * H, m, C, d)
     out = F.scaled_dot_product_attention(q_tok, key_blocks(k), key_blocks(v),
@@ -298,18 +311,105 @@ def banded_attention(q, k, v, window: int, chunk: Optional[int] = None):
     return torch.cat([out_cls, out.reshape(B, H, m * C, d)[:, :, :n]], dim=2)
 
 
-def window_attention(q, k, v, window: Optional[int]):
-    """Attention over [CLS] + N tokens where token i sees CLS and tokens within ±window slots of it.
+def window_attention(q, k, v, window: Optional[int], causal: bool = False):
+    """Attention over [CLS] + N tokens under window_mask(N, window, causal): q, k, v
+    [B, H, 1+N, d] -> [B, H, 1+N, d].
 
-    window=None is full attention. Short sequences use dense masked attention (faster there); long
-    ones the banded form, whose cost grows as N · window. q, k, v: [B, H, 1+N, d] -> [B, H, 1+N, d].
+    window=None is full (or fully causal) attention. Short sequences use dense masked attention
+    (as fast there); long ones the banded form, whose cost grows as N · window. Fully causal
+    attention uses the kernel's own causal mask (with CLS first, it is exactly what the patches
+    need) and attends CLS to everything apart.
     """
     n = q.shape[-2] - 1
     if window is None or window >= n - 1:
-        return F.scaled_dot_product_attention(q, k, v)
+        if not causal:
+            return F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return torch.cat([F.scaled_dot_product_attention(q[:, :, :1], k, v), out[:, :, 1:]], 2)
     if n <= 256 or 4 * window >= n:  # where dense is as fast on CPU (tests/bench.py)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(n, window, q.device))
-    return banded_attention(q, k, v, window)
+        mask = window_mask(n, window, causal, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return banded_attention(q, k, v, window, causal)
+
+
+def selective_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The linear recurrence h_t = a_t ⊙ h_{t-1} + b_t for t = 0..L-1, from h_{-1} = 0:
+    a, b [B, L, ...] with a in [0, 1] -> h [B, L, ...].
+
+    Two levels of about sqrt(L) sequential steps each, so the cost stays linear in L: first every
+    chunk of C ≈ sqrt(L) slots at once, from a zero state (local states, and each slot's decay
+    since the chunk began), then the state carried from chunk to chunk, added back as
+    decay · carry. Only products of decays in [0, 1] and sums occur (no division, no log of a
+    decay), so it stays finite for any L: decays that underflow to 0 are the recurrence's answer.
+    """
+    B, L = a.shape[:2]
+    C = math.isqrt(max(L - 1, 0)) + 1
+    m = -(-L // C)
+    fill = (B, m * C - L, *a.shape[2:])
+    a = torch.cat([a, a.new_ones(fill)], 1).view(B, m, C, *a.shape[2:])  # pad with a = 1, b = 0
+    b = torch.cat([b, b.new_zeros(fill)], 1).view(B, m, C, *b.shape[2:])
+    # (unbind, not indexing, hands out the steps: its backward is one stack, where each index's
+    # would write a whole zero tensor, which made the cost grow as L^1.5)
+    h, decay, hs, decays = b.new_zeros(b[:, :, 0].shape), a.new_ones(a[:, :, 0].shape), [], []
+    for a_t, b_t in zip(a.unbind(2), b.unbind(2)):  # within all chunks at once
+        h, decay = a_t * h + b_t, a_t * decay
+        hs.append(h)
+        decays.append(decay)
+    h, decay = torch.stack(hs, 2), torch.stack(decays, 2)  # [B, m, C, ...]
+    carry = [h.new_zeros(h[:, 0, 0].shape)]
+    for h_end, decay_end in zip(h[:, :-1, -1].unbind(1), decay[:, :-1, -1].unbind(1)):
+        carry.append(decay_end * carry[-1] + h_end)  # the state entering the next chunk
+    h = h + decay * torch.stack(carry, 1)[:, :, None]
+    return h.reshape(B, m * C, *h.shape[3:])[:, :L]
+
+
+class Mamba(nn.Module):
+    """Mamba-1's selective state-space layer (Gu and Dao, 2023) in plain torch: [B, L, D] ->
+    [B, L, D], reading the sequence from first to last slot.
+
+    in_proj to x and a gate z (expand x width each); a causal depthwise conv (kernel d_conv) and
+    SiLU on x; x projected to (Δ, B, C) with Δ = softplus(dt_proj(·)) per channel; the scan
+    h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t, y_t = C_t · h_t + D x_t (A = -exp(A_log), per channel
+    and state, run in float32 under autocast too); y · SiLU(z); out_proj. The paper's model
+    ("bimamba v3") sums four such scans (forward, backward, and both along the 14 x 14 transpose);
+    one forward scan is the plain case, where the order matters most.
+    """
+
+    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 1):
+        super().__init__()
+        inner, self.dt_rank, self.d_state = expand * dim, math.ceil(dim / 16), d_state
+        self.in_proj = nn.Linear(dim, 2 * inner)
+        self.conv = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1)
+        self.x_proj = nn.Linear(inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, inner)
+        self.A_log = nn.Parameter(torch.empty(inner, d_state))
+        self.D = nn.Parameter(torch.empty(inner))
+        self.out_proj = nn.Linear(inner, dim)
+        self.reset_ssm()
+
+    def reset_ssm(self):
+        """Mamba's own initialization of the scan: A = -(1, 2, ..., d_state) per channel, D = 1,
+        and Δ = softplus(bias) log-uniform in [0.001, 0.1] at the start."""
+        with torch.no_grad():
+            self.A_log.copy_(torch.arange(1, self.d_state + 1).float().log().expand_as(self.A_log))
+            self.D.fill_(1.0)
+            nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+            dt = torch.empty_like(self.dt_proj.bias).uniform_(math.log(1e-3), math.log(1e-1)).exp()
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        L = x.shape[1]
+        x, z = self.in_proj(x).chunk(2, dim=-1)  # [B, L, E] each
+        x = F.silu(self.conv(x.transpose(1, 2))[..., :L].transpose(1, 2))  # slot t sees t-3..t
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = self.dt_proj(dt)
+        with torch.autocast(x.device.type, enabled=False):  # the scan in float32
+            dt, x32, B, C = F.softplus(dt.float()), x.float(), B.float(), C.float()  # [B, L, E]
+            A = -torch.exp(self.A_log.float())  # [E, S]
+            h = selective_scan(torch.exp(dt[..., None] * A),  # [B, L, E, S]
+                               (dt * x32)[..., None] * B[:, :, None, :])
+            y = (h @ C[..., None]).squeeze(-1) + self.D * x32  # [B, L, E]
+        return self.out_proj(y.to(x.dtype) * F.silu(z))
 
 
 @dataclass
@@ -322,7 +422,8 @@ class ViTConfig:
     depth: int = 12
     heads: int = 3
     mlp_ratio: float = 4.0
-    window: Optional[int] = 7  # ±slots each token reaches; None = full attention
+    mixer: str = "window"  # one of MIXERS
+    window: Optional[int] = 7  # window: ±slots; causal: earlier slots; None = all; mamba: unused
 
 
 PRESETS = {
@@ -340,42 +441,49 @@ def vit_config(preset: str, **overrides) -> ViTConfig:
 
 
 class Attention(nn.Module):
-    def __init__(self, dim, heads, window):
+    def __init__(self, dim, heads, window, causal):
         super().__init__()
-        self.heads, self.window = heads, window
+        self.heads, self.window, self.causal = heads, window, causal
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        out = window_attention(q, k, v, self.window)
+        out = window_attention(q, k, v, self.window, self.causal)  # [B, heads, L, D / heads]
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
 
 
 class Block(nn.Module):
+    """Pre-norm: x + mix(LN x), then x + MLP(LN x); only the mixer differs between models."""
+
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         hidden = int(cfg.dim * cfg.mlp_ratio)
         self.norm1, self.norm2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
-        self.attn = Attention(cfg.dim, cfg.heads, cfg.window)
-        self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(), nn.Linear(hidden, cfg.dim))
+        self.mix = (Mamba(cfg.dim) if cfg.mixer == "mamba"
+                    else Attention(cfg.dim, cfg.heads, cfg.window, cfg.mixer == "causal"))
+        self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(),
+                                 nn.Linear(hidden, cfg.dim))
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+        x = x + self.mix(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 
 class ViT(nn.Module):
-    """Pre-norm ViT with a global CLS token and windowed attention over a reordered sequence."""
+    """Pre-norm ViT over a reordered patch sequence with a CLS token: first and global for the
+    attention mixers, last for mamba (the scan's final state has read every patch)."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
+        if cfg.mixer not in MIXERS:
+            raise ValueError(f"unknown mixer {cfg.mixer!r}: choose one of {', '.join(MIXERS)}")
         if cfg.window is not None and cfg.window < 0:
-            raise ValueError(f"window must be >= 0 or None (full attention), got {cfg.window}")
+            raise ValueError(f"window must be >= 0 or None (no limit), got {cfg.window}")
         if cfg.dim % cfg.heads:
             raise ValueError(f"width {cfg.dim} is not divisible by {cfg.heads} heads")
-        self.cfg = cfg
+        self.cfg, self.cls_last = cfg, cfg.mixer == "mamba"
         self.grid = grid_size(cfg.img_size, cfg.patch_size)
         self.num_patches = self.grid[0] * self.grid[1]
         patch_dim = cfg.in_chans * cfg.patch_size ** 2
@@ -387,6 +495,9 @@ class ViT(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
         self.apply(self._init)
+        for m in self.modules():
+            if isinstance(m, Mamba):
+                m.reset_ssm()  # after the generic init of its Linear layers
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
@@ -394,7 +505,8 @@ class ViT(nn.Module):
     def _init(m):
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
     def forward(self, images: torch.Tensor, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Class logits [B, classes] of images [B, C, H, W], patches read in order perm [N] or
@@ -404,10 +516,11 @@ class ViT(nn.Module):
         if (C, H, W) != (self.cfg.in_chans, h * p, w * p):
             raise ValueError(f"model expects images of {self.cfg.in_chans}x{h * p}x{w * p}, "
                              f"got {C}x{H}x{W}")
-        x = self.patch_embed(patchify(images, p)) + self.pos_embed
+        x = self.patch_embed(patchify(images, p)) + self.pos_embed  # [B, N, D]
         if perm is not None:
             x = permute(x, perm)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([x, cls] if self.cls_last else [cls, x], dim=1)  # [B, 1+N, D]
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x[:, 0]))
+        return self.head(self.norm(x[:, -1] if self.cls_last else x[:, 0]))

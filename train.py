@@ -70,7 +70,7 @@ class Curriculum:
 # --------------------------------------------------------------------------------------------------
 
 RESUME_KEYS = ("data", "root", "subset", "img_size", "patch", "model", "dim", "depth", "heads",
-               "window", "order", "learn_order", "epochs", "batch_size", "warmup_epochs",
+               "mixer", "window", "order", "learn_order", "epochs", "batch_size", "warmup_epochs",
                "policy_start", "policy_epochs", "tau_max", "reward", "baseline", "granularity",
                "seed", "world")
 
@@ -136,7 +136,7 @@ def check_inputs(args, world, last):
         cfg = reorder.vit_config(args.model, img_size=args.img_size, patch_size=args.patch,
                                  in_chans=first[0].shape[0],
                                  num_classes=data.num_classes_of(train_set),
-                                 window=args.window, **sizes)
+                                 mixer=args.mixer, window=args.window, **sizes)
         model = reorder.ViT(cfg)
     return ckpt, train_set, val_set, model
 
@@ -385,7 +385,8 @@ def train(args):
     rank, world, device = setup_distributed(args.device)
     args.world = world
     torch.manual_seed(args.seed)
-    out = args.out or os.path.join("runs", f"{args.data}-{args.order.replace(os.sep, '_')}"
+    mixer = "" if args.mixer == "window" else f"-{args.mixer}"
+    out = args.out or os.path.join("runs", f"{args.data}-{args.order.replace(os.sep, '_')}{mixer}"
                                            f"{'-learn' if args.learn_order else ''}-s{args.seed}")
     last = os.path.join(out, "last.pt")
     ckpt, train_set, val_set, raw_model = check_inputs(args, world, last)
@@ -550,9 +551,9 @@ def lr_factor(step, warmup_steps, total_steps):
 # --------------------------------------------------------------------------------------------------
 
 def window_arg(text):
-    """--window: an integer >= 0 (±slots; 0 = each token sees itself and CLS), or none = full."""
-    if text.lower() == "none":
-        return None
+    """--window: an integer >= 0 (slots; 0 = each token sees itself and CLS), or none = no limit."""
+    if text.lower() in ("none", "auto"):
+        return text.lower()
     try:
         return int(text)
     except ValueError:
@@ -578,8 +579,11 @@ def parse_args(argv=None):
     a("--heads", type=int, default=None, help="override the preset's heads")
     a("--img-size", type=int, default=32)
     a("--patch", type=int, default=4)
-    a("--window", type=window_arg, default=7,
-      help="attention reaches ±window slots (default 7, the paper's); none = full attention")
+    a("--mixer", default="window", choices=reorder.MIXERS,
+      help="token mixer: window (Longformer, default), causal (Transformer-XL), mamba (a scan)")
+    a("--window", type=window_arg, default="auto",
+      help="window: attention reaches ±window slots (default 7, the paper's; none = full "
+           "attention); causal: the window earlier slots (default none: all); mamba: unused")
     a("--order", default="row", help=f"initial order: {', '.join(reorder.ORDERS)}, random, prior "
                                      f"(prior.py's pick on a training sample), or a saved order.pt")
     a("--prior-n", type=int, default=512, help="images sampled for --order prior")
@@ -620,6 +624,12 @@ def parse_args(argv=None):
       help="only draw the six orderings, random, and --order if it is a saved order.pt, on the "
            "grid of --img-size / --patch, into one PNG, then exit")
     args = ap.parse_args(argv)
+    if args.mixer == "mamba" and args.window != "auto":
+        ap.error("--window does not apply to --mixer mamba (a scan reads the whole sequence)")
+    if args.window == "auto":
+        args.window = 7 if args.mixer == "window" else None
+    elif args.window == "none":
+        args.window = None
     e = args.epochs
     if args.policy_start is None:
         args.policy_start = max(1, round(0.15 * e)) if e >= 3 else 0

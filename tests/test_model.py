@@ -1,4 +1,4 @@
-"""Windowed attention against a dense reference; the ViT's order (in)variance; vendoring."""
+"""The mixers against references (dense masks, the scan's loop); order (in)variance; vendoring."""
 import ast
 import os
 import shutil
@@ -9,19 +9,34 @@ import pytest
 import torch
 
 import reorder
-from reorder import PRESETS, ViT, banded_attention, order, vit_config, window_attention
+from reorder import (MIXERS, PRESETS, Attention, Mamba, ViT, banded_attention, order,
+                     selective_scan, vit_config, window_attention)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def dense_reference(q, k, v, window):
-    """Softmax attention with an explicit mask: CLS row and column global, tokens ±window."""
+def dense_reference(q, k, v, window, causal=False):
+    """Softmax attention with an explicit mask: CLS row and column global; tokens see ±window,
+    or with `causal` themselves and the `window` before them."""
     L = q.shape[-2]
     pos = torch.arange(L)
-    near = (pos[:, None] - pos[None, :]).abs() <= window
+    gap = pos[:, None] - pos[None, :]
+    near = (gap >= 0) & (gap <= window) if causal else gap.abs() <= window
     allowed = near | (pos[:, None] == 0) | (pos[None, :] == 0)
     scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
     return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+
+def assert_same_with_gradients(fn, ref, inputs, seed=0):
+    """fn(*inputs) equals ref(*inputs) in value and in the inputs' gradients, fp32: 1e-5 at unit
+    scale (a gradient that sums over all N tokens in another order, as CLS's value gradient does,
+    moves by more, so the bound scales with the largest entry)."""
+    out, want = fn(*inputs), ref(*inputs)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    want_grads = torch.autograd.grad(want, inputs, grad_out)
+    for got, expected in zip((out, *grads), (want, *want_grads)):
+        assert (got - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item())
 
 
 def qkv(n, seed=0, d=8):
@@ -33,17 +48,21 @@ def qkv(n, seed=0, d=8):
     (1, 0, None), (5, 1, None), (33, 3, None), (100, 7, None), (197, 7, None), (196, 7, 7),
     (301, 0, None), (300, 64, None), (257, 5, 9), (130, 16, 40), (64, 20, 20), (31, 30, None),
 ])
-def test_banded_attention_equals_dense_reference(n, window, chunk):
-    q, k, v = qkv(n, seed=n + window)
-    grad_out = torch.randn(2, 3, n + 1, 8)
-    ref = dense_reference(q, k, v, window)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
-    out = banded_attention(q, k, v, window, chunk)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    for got, want in zip((out, *grads), (ref, *ref_grads)):
-        # fp32, 1e-5 at unit scale: CLS's value gradient sums over all N tokens (|g| ~ 20 here) in
-        # another order than the reference does, so the bound scales with the largest entry
-        assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
+@pytest.mark.parametrize("causal", [False, True])
+def test_banded_attention_equals_dense_reference(n, window, chunk, causal):
+    assert_same_with_gradients(lambda q, k, v: banded_attention(q, k, v, window, causal, chunk),
+                               lambda q, k, v: dense_reference(q, k, v, window, causal),
+                               qkv(n, seed=n + window))
+
+
+@pytest.mark.parametrize("n,window", [(1, None), (5, 0), (40, None), (197, 7), (300, None),
+                                      (300, 7), (600, 20), (257, 100)])
+def test_causal_attention_equals_dense_reference(n, window):
+    # every path: the kernel's causal mask (None), dense masked (short), banded (long, narrow)
+    assert_same_with_gradients(lambda q, k, v: window_attention(q, k, v, window, causal=True),
+                               lambda q, k, v: dense_reference(q, k, v, n if window is None
+                                                               else window, causal=True),
+                               qkv(n, seed=n))
 
 
 @pytest.mark.parametrize("n,window", [(50, 3), (300, 7), (600, 20), (40, None)])
@@ -54,10 +73,82 @@ def test_window_attention_dispatch_equals_reference(n, window):
     assert torch.allclose(out, ref, atol=1e-5, rtol=0)
 
 
-def small_vit(window, **kw):
+def loop_scan(a, b):
+    """h_t = a_t h_{t-1} + b_t, one step at a time."""
+    h, out = torch.zeros_like(b[:, 0]), []
+    for t in range(a.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        out.append(h)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 64, 65, 197, 300])
+def test_selective_scan_equals_a_sequential_loop(n):
+    g = torch.Generator().manual_seed(n)
+    a = torch.rand(2, n, 3, 4, generator=g).requires_grad_()
+    b = torch.randn(2, n, 3, 4, generator=g).requires_grad_()
+    assert_same_with_gradients(selective_scan, loop_scan, (a, b))
+
+
+def test_selective_scan_is_finite_and_exact_at_16384_slots():
+    g = torch.Generator().manual_seed(0)
+    n = 16384
+    # decays from "forget at once" to "remember for thousands of slots", and exact zeros
+    a = torch.cat([torch.rand(1, n, 1, generator=g) ** 8,
+                   1 - 1e-4 * torch.rand(1, n, 1, generator=g), torch.zeros(1, n, 1)], dim=2)
+    b = torch.randn(1, n, 3, generator=g)
+    got, want = selective_scan(a, b), loop_scan(a, b)
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def mamba_reference(layer, x):
+    """Mamba.forward written out slot by slot, from the layer's parameters."""
+    B, L, _ = x.shape
+    xz = layer.in_proj(x)
+    u, z = xz.chunk(2, dim=-1)
+    k = layer.conv.weight.shape[-1]
+    w = layer.conv.weight[:, 0]  # [E, k]
+    pad = torch.cat([u.new_zeros(B, k - 1, u.shape[-1]), u], 1)
+    u = torch.stack([layer.conv.bias + (pad[:, t:t + k] * w.T).sum(1) for t in range(L)], 1)
+    u = torch.nn.functional.silu(u)
+    dt, Bm, Cm = layer.x_proj(u).split([layer.dt_rank, layer.d_state, layer.d_state], dim=-1)
+    dt = torch.nn.functional.softplus(layer.dt_proj(dt))
+    A = -torch.exp(layer.A_log)
+    h, ys = torch.zeros(B, u.shape[-1], layer.d_state), []
+    for t in range(L):
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[:, :, None] * Bm[:, t, None]
+        ys.append((h * Cm[:, t, None]).sum(-1) + layer.D * u[:, t])
+    return layer.out_proj(torch.stack(ys, 1) * torch.nn.functional.silu(z))
+
+
+@pytest.mark.parametrize("n", [1, 5, 40])
+def test_mamba_layer_equals_its_recurrence_written_out(n):
+    torch.manual_seed(n)
+    layer = Mamba(16, d_state=4)
+    x = torch.randn(2, n, 16, requires_grad=True)
+    assert_same_with_gradients(layer, lambda x: mamba_reference(layer, x), (x,))
+
+
+@pytest.mark.parametrize("mixer,reach", [(Attention(32, 2, None, causal=True), 30),
+                                         (Attention(32, 2, 3, causal=True), 4), (Mamba(32), 30)])
+def test_causal_mixers_read_only_earlier_slots(mixer, reach):
+    # a change at slot 12 reaches slots 12 .. 12 + reach - 1 and no other (slot 0 is CLS for
+    # attention, global by design; a patch for mamba)
+    torch.manual_seed(0)
+    x = torch.randn(2, 30, 32)
+    y = x.clone()
+    y[:, 12] += 1.0
+    first = 1 if isinstance(mixer, Attention) else 0
+    changed = (mixer(x) - mixer(y)).abs().amax(-1).min(0).values  # [30]: least change per slot
+    assert (changed[first:12] == 0).all() and (changed[12 + reach:] == 0).all()
+    assert (changed[12:12 + reach] > 0).all()
+
+
+def small_vit(window, mixer="window", **kw):
     torch.manual_seed(0)
     cfg = vit_config("tiny", img_size=(16, 20), patch_size=4, dim=32, depth=2, heads=2,
-                     window=window, **kw)
+                     window=window, mixer=mixer, **kw)
     return ViT(cfg).eval()
 
 
@@ -69,30 +160,37 @@ def test_full_attention_is_invariant_to_the_order():
     assert torch.allclose(model(x), base, atol=1e-5)
 
 
-def test_windowed_attention_depends_on_the_order():
+@pytest.mark.parametrize("mixer,window", [("window", 1), ("causal", None), ("causal", 2),
+                                          ("mamba", None)])
+def test_every_order_sensitive_mixer_depends_on_the_order(mixer, window):
     x = torch.randn(3, 3, 16, 20)
 
-    def order_effect(model):  # relative change of the output from row to spiral order
+    def order_effect(model):  # relative change of the output from row to a shuffled order
         row = model(x, order("row", 4, 5))
-        return ((row - model(x, order("spiral", 4, 5))).abs().max() / row.abs().max()).item()
+        return ((row - model(x, order("random", 4, 5))).abs().max() / row.abs().max()).item()
 
-    # at initialisation the effect is small but far above float noise (all that full attention
-    # shows)
-    assert order_effect(small_vit(1)) > 100 * max(order_effect(small_vit(None)), 1e-7)
-
-
-def test_per_image_permutations_equal_one_image_at_a_time():
-    model, x = small_vit(2), torch.randn(3, 3, 16, 20)
-    perms = torch.stack([order(name, 4, 5) for name in ("hilbert", "snake", "column")])
-    batched = model(x, perms)
-    single = torch.cat([model(x[i:i + 1], perms[i]) for i in range(3)])
-    assert torch.allclose(batched, single, atol=1e-5)
+    # at initialisation the effect is small but far above float noise, which is all that full
+    # attention shows
+    assert order_effect(small_vit(window, mixer)) > 100 * max(order_effect(small_vit(None)), 1e-7)
 
 
+def test_mamba_reads_out_a_cls_token_that_has_seen_every_patch():
+    # with CLS first, a forward scan would give the classifier no patch at all (a zero gradient)
+    model = small_vit(None, "mamba")
+    x = torch.randn(1, 3, 16, 20, requires_grad=True)
+    perm = order("spiral", 4, 5)
+    model(x, perm).sum().backward()
+    for patch in (perm[0], perm[-1]):  # the first and the last patch of the sequence
+        r, c = divmod(int(patch), 5)
+        assert x.grad[..., 4 * r:4 * r + 4, 4 * c:4 * c + 4].abs().max() > 0
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_every_preset_trains_one_step(preset):
+def test_every_preset_and_mixer_trains_one_step(preset, mixer):
     torch.manual_seed(0)
-    model = ViT(vit_config(preset, img_size=16, patch_size=4, num_classes=5, window=2))
+    model = ViT(vit_config(preset, img_size=16, patch_size=4, num_classes=5, window=2,
+                           mixer=mixer))
     assert model.cfg.dim == PRESETS[preset]["dim"]
     logits = model(torch.randn(2, 3, 16, 16), order("hilbert", 4, 4))
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 3])).backward()
@@ -113,6 +211,8 @@ def test_bad_model_input_is_a_one_line_error():
         ViT(vit_config("tiny", window=-1))
     with pytest.raises(ValueError, match="unknown model"):
         vit_config("huge")
+    with pytest.raises(ValueError, match="unknown mixer 'rnn': choose one of window, causal"):
+        ViT(vit_config("tiny", mixer="rnn"))
     with pytest.raises(ValueError, match="expects images of 3x16x20"):
         small_vit(2)(torch.randn(1, 3, 16, 16))
 
@@ -134,12 +234,13 @@ def test_reorder_runs_alone_in_an_empty_folder(tmp_path):
         "import os, sys\n"
         "sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I adds no folder\n"
         "import torch, reorder\n"
-        "model = reorder.ViT(reorder.vit_config('tiny', depth=1, window=3))\n"
-        "policy = reorder.PlackettLuce.from_order(reorder.order('hilbert', *model.grid))\n"
+        "policy = reorder.PlackettLuce.from_order(reorder.order('hilbert', 8, 8))\n"
         "perm, logp = policy.sample(2, 0.2)\n"
-        "logits = model(torch.randn(2, 3, 32, 32), perm)\n"
-        "print(tuple(logits.shape), bool(torch.isfinite(logp).all()))\n")
+        "for mixer in reorder.MIXERS:\n"
+        "    model = reorder.ViT(reorder.vit_config('tiny', depth=1, window=3, mixer=mixer))\n"
+        "    logits = model(torch.randn(2, 3, 32, 32), perm)\n"
+        "    print(mixer, tuple(logits.shape), bool(torch.isfinite(logp).all()))\n")
     out = subprocess.run([sys.executable, "-I", str(tmp_path / "use.py")], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[-2] == "(2, 10) True"
+    assert out.stdout.splitlines() == [f"{m} (2, 10) True" for m in reorder.MIXERS]

@@ -55,6 +55,17 @@ def test_learn_order_passes_through_all_three_phases(tmp_path, granularity, base
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("mixer,flags,window", [("window", [], 7), ("causal", [], None),
+                                                ("causal", ["--window", "3"], 3),
+                                                ("mamba", [], None)])
+def test_every_mixer_trains_with_its_default_window(tmp_path, mixer, flags, window):
+    summary = run(tmp_path, "--epochs", "2", "--learn-order", "--mixer", mixer, *flags)
+    with open(os.path.join(summary["out"], "config.json")) as f:
+        vit = json.load(f)["vit"]
+    assert (vit["mixer"], vit["window"]) == (mixer, window)
+    assert all(np.isfinite(m["train_loss"]) for m in metrics(summary["out"]))
+
+
 def test_compiled_model_trains_like_the_eager_one(tmp_path):
     # torch.compile is the GPU path's speed-up; on CPU it runs through inductor's C++ backend
     eager = run(tmp_path, "--epochs", "3", "--learn-order", name="eager")
@@ -179,6 +190,8 @@ def fails(capsys, argv, message):
     (["--img-size", "30"], "image size 30x30 is not divisible by patch size 4"),
     (["--window", "-2"], "window must be >= 0"),
     (["--window", "wide"], "expected an integer or none"),
+    (["--mixer", "mamba", "--window", "3"], "--window does not apply to --mixer mamba"),
+    (["--mixer", "rnn"], "argument --mixer: invalid choice: 'rnn'"),
     (["--learn-order", "--baseline", "loo"], "--baseline loo needs --granularity image"),
     (["--epochs", "4", "--learn-order", "--policy-start", "3", "--policy-epochs", "3"],
      "exceeds --epochs 4"),

@@ -1,0 +1,129 @@
+"""The GPU check: every mixer on a CUDA device against the CPU, under autocast, compiled, and one
+tiny --learn-order epoch of train.py with AMP. A script, not a test (pytest does not collect it).
+
+    python tests/gpu_check.py                 # on a CUDA device; prints one table, exit 1 on a FAIL
+    python tests/gpu_check.py --device cpu    # a dry run of the same code on the CPU
+
+Rows: forward + backward of a small ViT (width 96, depth 2, 64 patches, batch 8, a random order
+per image) for each mixer, in float32 and under bf16 / fp16 autocast, against the same model in
+float32 on the CPU: the largest difference of the logits relative to the largest CPU logit, and
+the norm of the difference of all gradients relative to the norm of the CPU gradients. Then
+torch.compile against eager on the device, and train.main for one epoch of every phase of the
+curriculum with --amp and --compile on synthetic data, per mixer.
+"""
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import reorder  # noqa: E402
+import train  # noqa: E402
+
+MIXERS = {"window ±2": dict(mixer="window", window=2), "full": dict(window=None),
+          "causal": dict(mixer="causal", window=None), "causal ±2": dict(mixer="causal", window=2),
+          "mamba": dict(mixer="mamba")}
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
+
+
+def forward_backward(model, images, labels, perm, dtype):
+    """(logits, {name: grad}) of one step, in float32 or under autocast to dtype."""
+    model.zero_grad(set_to_none=True)
+    with train.autocast(images.device, dtype):
+        logits = model(images, perm)
+    F.cross_entropy(logits.float(), labels).backward()
+    return logits.float().cpu(), {n.removeprefix("_orig_mod."): p.grad.float().cpu()
+                                  for n, p in model.named_parameters()}  # compiled: _orig_mod.
+
+
+def relative_error(got, want):
+    return ((got - want).abs().max() / want.abs().max().clamp(min=1e-12)).item()
+
+
+def gradient_error(got, want):
+    """||got - want|| / ||want|| over all parameters' gradients together."""
+    diff = torch.cat([(got[n] - want[n]).flatten() for n in want])
+    return (diff.norm() / torch.cat([w.flatten() for w in want.values()]).norm()).item()
+
+
+def check_mixers(device, rows):
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(8, 3, 32, 32, generator=g), torch.randint(10, (8,), generator=g)
+    perm = torch.stack([torch.randperm(64, generator=g) for _ in range(8)])
+    dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if device.type == "cuda"
+                                else [torch.bfloat16])
+    for name, cfg in MIXERS.items():
+        torch.manual_seed(0)
+        cpu_model = reorder.ViT(reorder.vit_config("tiny", dim=96, depth=2, **cfg))
+        want_logits, want_grads = forward_backward(cpu_model, images, labels, perm, None)
+        model = copy.deepcopy(cpu_model).to(device)
+        inputs = [t.to(device) for t in (images, labels, perm)]
+        for dtype in dtypes:
+            logits, grads = forward_backward(model, *inputs, None if dtype == torch.float32
+                                             else dtype)
+            err_logits = relative_error(logits, want_logits)
+            err_grads = gradient_error(grads, want_grads)
+            limit = TOLERANCE[str(dtype).split(".")[1]]
+            rows.append((f"{name}: {str(dtype).split('.')[1]} vs CPU", f"logits {err_logits:.1e}, "
+                         f"grads {err_grads:.1e} (limit {limit:.0e})",
+                         err_logits < limit and err_grads < limit
+                         and all(torch.isfinite(v).all() for v in grads.values())))
+        compiled = torch.compile(copy.deepcopy(model))
+        eager_logits, eager_grads = forward_backward(model, *inputs, None)
+        logits, grads = forward_backward(compiled, *inputs, None)
+        err = max(relative_error(logits, eager_logits), gradient_error(grads, eager_grads))
+        rows.append((f"{name}: torch.compile vs eager", f"{err:.1e} (limit 1e-4)", err < 1e-4))
+
+
+def check_training(device, rows):
+    amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp16"
+    for name, cfg in MIXERS.items():
+        flags = ["--mixer", cfg.get("mixer", "window")]
+        if cfg.get("mixer") != "mamba":
+            flags += ["--window", str(cfg["window"]).lower()]
+        with tempfile.TemporaryDirectory() as out:
+            t0 = time.time()
+            summary = train.main(["--data", "synthetic", "--subset", "512", "--val-subset", "128",
+                                  "--batch-size", "64", "--img-size", "32", "--dim", "96",
+                                  "--depth", "2", "--heads", "3", "--epochs", "3",
+                                  "--lr", "1e-3", "--learn-order", "--policy-lr", "1e-2",
+                                  "--amp", amp,
+                                  "--device", device.type, "--compile", "--quiet", *flags,
+                                  "--out", os.path.join(out, "run")])
+            h = summary["history"]
+            ok = ([m["phase"] for m in h] == ["fixed", "learn", "finetune"]
+                  and all(torch.isfinite(torch.tensor(m["train_loss"])) for m in h))
+            rows.append((f"{name}: train.py --learn-order --amp {amp} --compile, 3 epochs",
+                         f"loss {h[0]['train_loss']:.3f} -> {h[-1]['train_loss']:.3f}, val "
+                         f"top-1 {h[-1]['val_top1']:.1f}, {time.time() - t0:.0f} s", ok))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    device = torch.device(ap.parse_args().device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("gpu_check.py: error: no CUDA device here (use --device cpu for a dry run)",
+              file=sys.stderr)
+        return 2
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"# {name}, torch {torch.__version__}")
+    rows = []
+    check_mixers(device, rows)
+    check_training(device, rows)
+    width = max(len(r[0]) for r in rows)
+    print(f"| {'check':<{width}} | result | |\n|{'-' * (width + 2)}|---|---|")
+    for what, result, ok in rows:
+        print(f"| {what:<{width}} | {result} | {'ok' if ok else 'FAIL'} |")
+    print(f"{sum(ok for *_, ok in rows)} of {len(rows)} checks passed")
+    return 0 if all(ok for *_, ok in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
