@@ -332,35 +332,58 @@ def window_attention(q, k, v, window: Optional[int], causal: bool = False):
     return banded_attention(q, k, v, window, causal)
 
 
-def selective_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The linear recurrence h_t = a_t ⊙ h_{t-1} + b_t for t = 0..L-1, from h_{-1} = 0:
-    a, b [B, L, ...] with a in [0, 1] -> h [B, L, ...].
-
-    Two levels of about sqrt(L) sequential steps each, so the cost stays linear in L: first every
-    chunk of C ≈ sqrt(L) slots at once, from a zero state (local states, and each slot's decay
-    since the chunk began), then the state carried from chunk to chunk, added back as
-    decay · carry. Only products of decays in [0, 1] and sums occur (no division, no log of a
-    decay), so it stays finite for any L: decays that underflow to 0 are the recurrence's answer.
-    """
+def _scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """h_t = a_t ⊙ h_{t-1} + b_t along dim 1, without autograd: two levels of about sqrt(L)
+    sequential steps, so the cost stays linear in L. First every chunk of C ≈ sqrt(L) slots at
+    once, from a zero state (local states, and each slot's decay since its chunk began), then the
+    state carried from chunk to chunk, added back as decay · carry."""
     B, L = a.shape[:2]
     C = math.isqrt(max(L - 1, 0)) + 1
     m = -(-L // C)
-    fill = (B, m * C - L, *a.shape[2:])
-    a = torch.cat([a, a.new_ones(fill)], 1).view(B, m, C, *a.shape[2:])  # pad with a = 1, b = 0
-    b = torch.cat([b, b.new_zeros(fill)], 1).view(B, m, C, *b.shape[2:])
-    # (unbind, not indexing, hands out the steps: its backward is one stack, where each index's
-    # would write a whole zero tensor, which made the cost grow as L^1.5)
-    h, decay, hs, decays = b.new_zeros(b[:, :, 0].shape), a.new_ones(a[:, :, 0].shape), [], []
-    for a_t, b_t in zip(a.unbind(2), b.unbind(2)):  # within all chunks at once
-        h, decay = a_t * h + b_t, a_t * decay
-        hs.append(h)
-        decays.append(decay)
-    h, decay = torch.stack(hs, 2), torch.stack(decays, 2)  # [B, m, C, ...]
-    carry = [h.new_zeros(h[:, 0, 0].shape)]
-    for h_end, decay_end in zip(h[:, :-1, -1].unbind(1), decay[:, :-1, -1].unbind(1)):
-        carry.append(decay_end * carry[-1] + h_end)  # the state entering the next chunk
-    h = h + decay * torch.stack(carry, 1)[:, :, None]
-    return h.reshape(B, m * C, *h.shape[3:])[:, :L]
+    rest, fill = a.shape[2:], (B, m * C - L, *a.shape[2:])
+    a = torch.cat([a, a.new_ones(fill)], 1).view(B, m, C, *rest)  # pad with a = 1, b = 0
+    b = torch.cat([b, b.new_zeros(fill)], 1).view(B, m, C, *rest)
+    h, decay = torch.empty_like(b), torch.empty_like(a)
+    h_t, decay_t = torch.zeros_like(b[:, :, 0]), torch.ones_like(a[:, :, 0])
+    for t in range(C):  # within all chunks at once
+        h_t = torch.addcmul(b[:, :, t], a[:, :, t], h_t)
+        decay_t = decay_t * a[:, :, t]
+        h[:, :, t], decay[:, :, t] = h_t, decay_t
+    carry = torch.zeros_like(h[:, :, 0])  # [B, m, ...]: the state entering each chunk
+    for j in range(1, m):
+        carry[:, j] = torch.addcmul(h[:, j - 1, -1], decay[:, j - 1, -1], carry[:, j - 1])
+    return h.addcmul_(decay, carry[:, :, None]).view(B, m * C, *rest)[:, :L]
+
+
+class _LinearRecurrence(torch.autograd.Function):
+    """The scan with its gradient written out: for h_t = a_t h_{t-1} + b_t and g_t = dL/dh_t in
+    total, g_t = dL/dh_t (direct) + a_{t+1} g_{t+1}, the same recurrence run backwards; then
+    dL/db_t = g_t and dL/da_t = g_t h_{t-1}. Only a and h are kept for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        h = _scan(a, b)
+        ctx.save_for_backward(a, h)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        a, h = ctx.saved_tensors
+        a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], 1)
+        g = _scan(a_next.flip(1), grad_h.flip(1)).flip(1)
+        h_prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], 1)
+        return g * h_prev, g
+
+
+def selective_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The linear recurrence h_t = a_t ⊙ h_{t-1} + b_t for t = 0..L-1, from h_{-1} = 0:
+    a, b [B, L, ...] with a in [0, 1] -> h [B, L, ...], differentiable in a and b.
+
+    Cost linear in L (forward and backward); only products of decays in [0, 1] and sums occur (no
+    division, no log of a decay), so it stays finite for any L: a decay that underflows to 0 is
+    the recurrence's own answer.
+    """
+    return _LinearRecurrence.apply(a, b)
 
 
 class Mamba(nn.Module):
