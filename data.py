@@ -22,7 +22,8 @@ from torch.utils.data import Dataset, Subset
 
 import reorder
 
-DATASETS = ("cifar10", "fashion-mnist", "imagenet", "fmow", "folder", "synthetic", "pairs")
+DATASETS = ("cifar10", "fashion-mnist", "imagenet", "fmow", "folder", "synthetic", "pairs",
+            "neighbours")
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
             "fashion-mnist": ((0.2860,), (0.3530,)),
@@ -231,28 +232,55 @@ def image_folder(root, split, size):
 
 
 # --------------------------------------------------------------------------------------------------
-# The known-answer task for orderings
+# Known-answer tasks for orderings: the label needs pairs of patches compared, so an order that
+# puts partners side by side lets a small window see what the label depends on.
 # --------------------------------------------------------------------------------------------------
 
-class PairImages(Dataset):
-    """Patch (r, c) is paired with (r + h/2, c); each patch shows one bit (plus noise).
+def pairs_of(h, w, gap):
+    """[h*w/2, 2] patch ids (first, partner): (r, c) with (r + gap, c) for the rows r with
+    r // gap even. gap = h/2 pairs the top half with the bottom half; gap = 1 each even row with
+    the row below it."""
+    r = torch.arange(h)
+    first_rows = r[(r // gap) % 2 == 0]
+    first = (first_rows[:, None] * w + torch.arange(w)).flatten()
+    return torch.stack([first, first + gap * w], 1)
 
-    Label 0: the bottom half repeats the top half, so every pair matches. Label 1: `mismatches`
-    random pairs differ (default: half of them). Row-major puts every pair h/2 · w slots apart,
-    beyond a small window; `pair_order` puts them side by side. Each half's patches alone are
-    uniformly random, so chance is 50%. Generated from the index alone; a horizontal flip keeps
-    the label.
+
+def pair_order(h, w, gap=None):
+    """[h*w]: the order that puts every patch right before its partner (PairImages), the pairs
+    in row-major order of their first patch."""
+    return pairs_of(h, w, gap or h // 2).flatten()
+
+
+def pair_distance(perm, h, w, gap=None):
+    """Mean number of slots between the two patches of a pair in the sequence `perm`."""
+    slots = perm.argsort()[pairs_of(h, w, gap or h // 2)]  # [pairs, 2]: where each partner sits
+    return (slots[:, 0] - slots[:, 1]).abs().float().mean().item()
+
+
+class PairImages(Dataset):
+    """Each patch shows one bit (plus noise); patch (r, c) is paired with (r + gap, c) (pairs_of).
+
+    Label 0: every partner repeats its first patch's bit. Label 1: `mismatches` random pairs
+    differ (default: half of them). Each patch alone is uniformly random, so chance is 50%.
+    --data pairs: gap = h/2, the top half against the bottom half, so row-major puts every pair
+    h/2 · w slots apart, far beyond a small window. --data neighbours: gap = 1, each even row
+    against the row below, w slots apart in row-major and 1 in column-major. `pair_order` puts
+    the partners side by side. Generated from the index alone; a horizontal flip keeps the label.
     """
 
     num_classes = 2
 
-    def __init__(self, n, size, patch, offset=0, mismatches=None, noise=0.5):
+    def __init__(self, n, size, patch, gap=None, offset=0, mismatches=None, noise=0.5):
         h, w = reorder.grid_size(size, patch)
-        if h % 2:
-            raise UsageError(f"--data pairs needs an even number of patch rows, got {h} "
-                             f"(--img-size {size} / --patch {patch}): e.g. --img-size 32 --patch 4")
+        gap = gap or h // 2
+        if h % (2 * gap):
+            raise UsageError(f"this pairs task needs a multiple of {2 * gap} patch rows, got {h} "
+                             f"(--img-size {size} / --patch {patch}): e.g. --img-size 32 "
+                             f"--patch 4")
         self.n, self.patch, self.grid, self.offset = n, patch, (h, w), offset
-        self.mismatches, self.noise = mismatches or h // 2 * w // 2, noise
+        self.pairs = pairs_of(h, w, gap)
+        self.mismatches, self.noise = mismatches or len(self.pairs) // 2, noise
 
     def __len__(self):
         return self.n
@@ -260,12 +288,14 @@ class PairImages(Dataset):
     def bits(self, i):
         """(bits [h, w] of image i, label, the generator that drew them)."""
         (h, w), g = self.grid, torch.Generator().manual_seed(self.offset + i)
-        top = torch.randint(2, (h // 2 * w,), generator=g)
+        first = torch.randint(2, (len(self.pairs),), generator=g)
         label = int(torch.randint(2, (), generator=g))
-        bottom = top.clone()
+        partner = first.clone()
         if label:
-            bottom[torch.randperm(len(top), generator=g)[:self.mismatches]] ^= 1
-        return torch.cat([top, bottom]).view(h, w), label, g
+            partner[torch.randperm(len(first), generator=g)[:self.mismatches]] ^= 1
+        bits = torch.empty(h * w, dtype=torch.long)
+        bits[self.pairs[:, 0]], bits[self.pairs[:, 1]] = first, partner
+        return bits.view(h, w), label, g
 
     def __getitem__(self, i):
         bits, label, g = self.bits(i)
@@ -278,30 +308,19 @@ class PairImages(Dataset):
         return (image + self.noise * torch.randn(image.shape, generator=g))[None], label
 
 
-def pair_order(h, w):
-    """[h*w]: the order that puts patch (r, c) right before its partner (r + h/2, c)."""
-    top = torch.arange(h // 2 * w)
-    return torch.stack([top, top + h // 2 * w], 1).flatten()
-
-
-def pair_distance(perm, h, w):
-    """Mean number of slots between the two patches of a PairImages pair in the sequence `perm`."""
-    slots = perm.argsort()[pair_order(h, w).view(-1, 2)]  # [pairs, 2]: where each partner sits
-    return (slots[:, 0] - slots[:, 1]).abs().float().mean().item()
-
-
 # --------------------------------------------------------------------------------------------------
 # Building a data set by name
 # --------------------------------------------------------------------------------------------------
 
 def build_dataset(data, root, split, img_size, augment=False, seed=0, subset=None, patch=4):
     """The data set `data` (one of DATASETS) for `split` ("train" or "val"); `patch` matters only
-    to "pairs", whose bits are drawn per patch. `subset` keeps a fixed random K images."""
+    to the pairs tasks, whose bits are drawn per patch. `subset` keeps a fixed random K images."""
     if data == "synthetic":
         dataset = SyntheticImages((subset or 2048) if split == "train" else 512, img_size,
                                   offset=0 if split == "train" else 10**6)
-    elif data == "pairs":  # generated: train and val differ by their seeds' offset
+    elif data in ("pairs", "neighbours"):  # generated: train and val differ by their seeds
         dataset = PairImages((subset or 50000) if split == "train" else 5000, img_size, patch,
+                             gap=1 if data == "neighbours" else None,
                              offset=0 if split == "train" else 10**7)
     elif data == "fashion-mnist":
         dataset = fashion_mnist(root, split, img_size)

@@ -233,12 +233,14 @@ def triangle_tau(step: int, steps: int, tau_max: float) -> float:
     return tau_max * max(0.0, 1 - abs(2 * t - 1)) if 0 < t < 1 else 0.0
 
 
-def loo_baseline(reward: torch.Tensor) -> torch.Tensor:
-    """Leave-one-out baseline b_i = mean_{j≠i} r_j (Kool et al., 2019): [B] -> [B]."""
-    b = reward.numel()
-    if b < 2:
-        raise ValueError("the leave-one-out baseline needs at least 2 images per batch")
-    return (reward.sum() - reward) / (b - 1)
+def loo_baseline(reward: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Leave-one-out baseline b_i = mean_{j≠i} r_j along `dim` (Kool et al., 2019), same shape
+    as reward: over the K orders scored on the same images (then a difference between images
+    cancels exactly), or over the images of a batch, one order each."""
+    k = reward.shape[dim]
+    if k < 2:
+        raise ValueError("the leave-one-out baseline needs at least 2 samples (orders or images)")
+    return (reward.sum(dim, keepdim=True) - reward) / (k - 1)
 
 
 # --------------------------------------------------------------------------------------------------

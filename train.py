@@ -47,18 +47,20 @@ class Curriculum:
     learn_from: float = math.inf
     learn_until: float = math.inf
     tau_max: float = 0.0
+    fixed_tau: float = 0.0  # > 0: the fixed phase trains on orders sampled around the start
 
     @classmethod
     def of(cls, args, steps_per_epoch):
         if not args.learn_order:
             return cls()
         start = args.policy_start * steps_per_epoch
-        return cls(start, start + args.policy_epochs * steps_per_epoch, args.tau_max)
+        return cls(start, start + args.policy_epochs * steps_per_epoch, args.tau_max,
+                   args.fixed_tau)
 
     def phase(self, step):
         """("fixed" | "learn" | "finetune", tau) of a training step."""
         if step < self.learn_from:
-            return "fixed", 0.0
+            return "fixed", self.fixed_tau
         if step < self.learn_until:
             steps = self.learn_until - self.learn_from
             return "learn", reorder.triangle_tau(step - self.learn_from, steps, self.tau_max)
@@ -71,8 +73,8 @@ class Curriculum:
 
 RESUME_KEYS = ("data", "root", "subset", "img_size", "patch", "model", "dim", "depth", "heads",
                "mixer", "window", "order", "learn_order", "epochs", "batch_size", "warmup_epochs",
-               "policy_start", "policy_epochs", "tau_max", "reward", "baseline", "granularity",
-               "seed", "world")
+               "policy_start", "policy_epochs", "tau_max", "fixed_tau", "orders_per_step",
+               "reward", "baseline", "granularity", "seed", "world")
 
 
 @contextmanager
@@ -101,8 +103,14 @@ def check_inputs(args, world, last):
         if args.policy_start + args.policy_epochs > args.epochs:
             raise UsageError(f"--policy-start {args.policy_start} + --policy-epochs "
                              f"{args.policy_epochs} exceeds --epochs {args.epochs}")
-        if args.baseline == "loo" and args.granularity != "image":
-            raise UsageError("--baseline loo needs --granularity image (one order per image)")
+        if args.orders_per_step < 1:
+            raise UsageError(f"--orders-per-step must be at least 1, got {args.orders_per_step}")
+        if args.orders_per_step > 1 and args.baseline == "ema":
+            raise UsageError("--baseline ema is the estimator of --orders-per-step 1; with more "
+                             "orders the baseline is leave-one-out over them")
+        if args.orders_per_step == 1 and args.baseline == "loo" and args.granularity != "image":
+            raise UsageError("--baseline loo with --orders-per-step 1 needs --granularity image "
+                             "(one order per image)")
     ckpt = None
     if args.resume:
         if not os.path.exists(last):
@@ -228,15 +236,21 @@ def make_loaders(args, train_set, val_set, rank, world, device):
 # One step of the classifier, one step of the policy, validation
 # --------------------------------------------------------------------------------------------------
 
-def model_step(model, optimizer, scheduler, scaler, images, labels, perm, dtype, clip):
-    """One training step of the classifier on images read in order `perm` ([N] or [B, N]):
-    forward under autocast, per-image cross-entropy, backward, clip, AdamW, lr schedule.
-    Returns (logits, per-image loss, loss value), detached; a non-finite loss returns before the
-    weights are touched."""
+def model_step(model, optimizer, scheduler, scaler, images, labels, perms, dtype, clip):
+    """One training step of the classifier on images read in order perms[0] ([N] or [B, N]):
+    forward under autocast, per-image cross-entropy, backward, clip, AdamW, lr schedule. The
+    other orders perms[1:] are only scored, on the same images with the same weights, before the
+    step. Returns (logits [K, B, classes], per-image loss [K, B], loss value), detached; a
+    non-finite loss returns before the weights are touched."""
     with autocast(images.device, dtype):
-        logits = model(images, perm)
-    per_image = F.cross_entropy(logits.float(), labels, reduction="none")
+        logits = [model(images, perms[0])]
+    per_image = F.cross_entropy(logits[0].float(), labels, reduction="none")
     loss = per_image.mean()
+    with torch.no_grad(), autocast(images.device, dtype):
+        logits += [model(images, perm) for perm in perms[1:]]
+    logits = torch.stack([x.detach().float() for x in logits])
+    losses = F.cross_entropy(logits.flatten(0, 1), labels.repeat(len(logits)),
+                             reduction="none").view(len(logits), -1)
     loss_value = loss.item()  # the step's one host sync for the loss
     if math.isfinite(loss_value):
         optimizer.zero_grad(set_to_none=True)
@@ -247,7 +261,7 @@ def model_step(model, optimizer, scheduler, scaler, images, labels, perm, dtype,
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-    return logits.detach(), per_image.detach(), loss_value
+    return logits, losses, loss_value
 
 
 def policy_update(policy, policy_opt, perm, tau, reward, baseline, world=1):
@@ -419,7 +433,10 @@ def train(args):
     policy = policy_opt = None
     if args.learn_order:
         policy = reorder.PlackettLuce.from_order(start_perm.cpu()).to(device)  # float32 under AMP
-        policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.policy_lr, weight_decay=0.03)
+        # SGD, not the paper's AdamW: Adam scales every step to about lr, so rewards that cannot
+        # tell orders apart would still move the logits at full speed (README: what the policy
+        # needs); SGD's step is proportional to the reward differences it saw
+        policy_opt = torch.optim.SGD(policy.parameters(), lr=args.policy_lr)
     ema = reorder.EMABaseline(0.99)
     policy_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     progress = Progress()
@@ -460,47 +477,58 @@ def train(args):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             phase, tau = curriculum.phase(step)
 
-            # 1. the order: sampled from the policy while learning (rank 0's, on every rank),
-            #    else the fixed one; one for the batch, or one per image
-            if phase == "learn":
-                perm, _ = policy.sample(1 if args.granularity == "batch" else len(y), tau,
-                                        policy_gen)
+            # 1. the orders: while learning, K samples from the policy (rank 0's, on every rank),
+            #    each one for the batch [K, N] or one per image [K, B, N]; before, the start
+            #    order (or samples around it at --fixed-tau); after, the policy's frozen mode
+            if tau > 0:
+                k = args.orders_per_step if phase == "learn" else 1
+                n = 1 if args.granularity == "batch" else len(y)
+                perms, _ = policy.sample(k * n, tau, policy_gen)
+                perms = perms.view(k, n, -1)[:, 0] if n == 1 else perms.view(k, n, -1)
                 if world > 1:
-                    dist.broadcast(perm, 0)
+                    dist.broadcast(perms, 0)
             else:
-                perm = current_order()[None]
+                perms = current_order()[None]
 
-            # 2. the classifier's step on images read in that order
-            logits, per_image, loss_value = model_step(model, optimizer, scheduler, scaler, x, y,
-                                                       perm[0] if len(perm) == 1 else perm, dtype,
-                                                       args.clip)
+            # 2. the classifier's step on the first order; the others only scored, on the same
+            #    images with the same weights
+            logits, losses, loss_value = model_step(model, optimizer, scheduler, scaler, x, y,
+                                                    perms, dtype, args.clip)
             if not math.isfinite(loss_value):
                 raise UsageError(f"loss is {loss_value} at step {step} (epoch {progress.epoch}): "
                                  f"stopped; {last} holds the last good state; lower --lr (then "
                                  f"--resume), or try --amp bf16/off")
-            correct = logits.argmax(1) == y
+            correct = logits[0].argmax(1) == y
 
-            # 3. REINFORCE on the same forward pass (§5): reward, baseline, one policy step
+            # 3. REINFORCE (§5): a reward per order (and image), its baseline, one policy step
             if phase == "learn":
-                reward = -per_image if args.reward == "xent" else correct.float() * 2 - 1
-                mean_reward = reward.mean()
-                if world > 1:
-                    dist.all_reduce(mean_reward)
-                    mean_reward /= world
-                baseline = (ema(mean_reward.item()) if args.baseline == "ema"
-                            else reorder.loo_baseline(reward))
-                log_prob = policy_update(policy, policy_opt, perm, tau, reward, baseline, world)
-                progress.add(reward=mean_reward.item(), neg_logp=-log_prob.mean().item(),
-                             policy_steps=1)
+                reward = -losses if args.reward == "xent" else (logits.argmax(-1) == y) * 2.0 - 1
+                if args.granularity == "batch":  # [K, B] -> [K]: one order, one reward
+                    reward = reward.mean(1)
+                    if world > 1:
+                        dist.all_reduce(reward)
+                        reward /= world
+                if len(perms) > 1:  # leave-one-out over the orders: image noise cancels
+                    baseline = reorder.loo_baseline(reward, dim=0)
+                elif args.baseline == "ema":  # the paper's estimator
+                    baseline = ema(reward.mean().item())
+                else:  # one order per image, leave-one-out over the images
+                    baseline = reorder.loo_baseline(reward, dim=1)
+                log_prob = policy_update(policy, policy_opt, perms, tau, reward, baseline, world)
+                batch_reward = reward.mean(-1) if reward.dim() > 1 else reward  # [K]
+                progress.add(reward=batch_reward[0].item(), reward_sq=batch_reward[0].item() ** 2,
+                             spread=batch_reward.std().item() if len(perms) > 1 else 0.0,
+                             neg_logp=-log_prob.mean().item(), policy_steps=1)
 
             # 4. bookkeeping, and a checkpoint every --save-every steps
             progress.add(loss=loss_value * len(y), correct=correct.sum().item(), images=len(y),
                          tau=tau, steps=1)
             progress.done_in_epoch += 1
             s = progress.sums
+            p_steps = max(1, s.get("policy_steps", 0))
             bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{100 * s['correct'] / s['images']:.1f}",
-                            tau=f"{tau:.3f}",
-                            reward=f"{s.get('reward', 0) / max(1, s.get('policy_steps', 0)):.3f}")
+                            tau=f"{tau:.3f}", reward=f"{s.get('reward', 0) / p_steps:.3f}",
+                            spread=f"{s.get('spread', 0) / p_steps:.2e}")
             if args.save_every and progress.done_in_epoch % args.save_every == 0 \
                     and progress.done_in_epoch < steps_per_epoch:
                 checkpoint(last)
@@ -510,12 +538,17 @@ def train(args):
         order_now = current_order()
         top1, top5 = evaluate(model, val_loader, order_now, device, dtype, world)
         s, p_steps = progress.sums, progress.sums.get("policy_steps", 0)
+        noise = (math.sqrt(max(0.0, s["reward_sq"] / p_steps - (s["reward"] / p_steps) ** 2))
+                 if p_steps else None)
         progress.history.append({
             "epoch": progress.epoch, "phase": curriculum.phase(progress.epoch * steps_per_epoch)[0],
             "train_loss": s["loss"] / s["images"], "train_top1": 100 * s["correct"] / s["images"],
             "val_top1": top1, "val_top5": top5, "lr": scheduler.get_last_lr()[0],
             "tau": s["tau"] / s["steps"], "reward": s["reward"] / p_steps if p_steps else None,
             "entropy": s["neg_logp"] / p_steps if p_steps else None,  # Monte Carlo, at the tau used
+            # order sensitivity: how far apart the K orders' rewards on the same images are, and
+            # how far apart the rewards of different batches are (the noise an EMA baseline sees)
+            "order_spread": s["spread"] / p_steps if p_steps else None, "batch_noise": noise,
             # mean number of slots a patch has moved since the start; argsort(perm) = its slot
             "order_shift": (order_now.argsort() - start_perm.argsort()).abs().float().mean().item(),
             "seconds": time.time() - t0})
@@ -595,11 +628,15 @@ def parse_args(argv=None):
     a("--policy-epochs", type=int, default=None,
       help="epochs of order learning (default 30%% of --epochs)")
     a("--tau-max", type=float, default=0.2, help="peak of the triangular temperature")
-    a("--policy-lr", type=float, default=1e-5,
-      help="policy AdamW lr (paper 1e-5; short runs need ~1e-3)")
+    a("--fixed-tau", type=float, default=0.0,
+      help="> 0: before learning, train on orders sampled around the start at this temperature")
+    a("--orders-per-step", type=int, default=4,
+      help="K orders scored on the same images each learning step (1: the paper's estimator)")
+    a("--policy-lr", type=float, default=0.1, help="the policy's SGD learning rate")
     a("--reward", default="xent", choices=["xent", "binary"], help="-cross-entropy, or ±1")
-    a("--baseline", default="ema", choices=["ema", "loo"],
-      help="EMA (0.99) or leave-one-out (image granularity)")
+    a("--baseline", default=None, choices=["ema", "loo"],
+      help="leave-one-out over the K orders (K > 1); with K = 1 the paper's EMA (0.99), or "
+           "leave-one-out over the images (--granularity image)")
     a("--granularity", default="batch", choices=["batch", "image"],
       help="one order per batch or per image")
     a = ap.add_argument_group("training").add_argument
@@ -624,6 +661,8 @@ def parse_args(argv=None):
       help="only draw the six orderings, random, and --order if it is a saved order.pt, on the "
            "grid of --img-size / --patch, into one PNG, then exit")
     args = ap.parse_args(argv)
+    if args.baseline is None:
+        args.baseline = "ema" if args.orders_per_step == 1 else "loo"
     if args.mixer == "mamba" and args.window != "auto":
         ap.error("--window does not apply to --mixer mamba (a scan reads the whole sequence)")
     if args.window == "auto":

@@ -169,6 +169,14 @@ def test_label_says_whether_the_bottom_half_repeats_the_top_half(size, patch):
         assert cells.abs().max() < 1e-6
 
 
+def test_neighbours_label_says_whether_each_even_row_repeats_in_the_row_below():
+    task = data.PairImages(200, 32, 4, gap=1, noise=0.0)
+    for i in range(len(task)):
+        image, label = task[i]
+        bits = read_bits(image, 4)
+        assert int((bits[0::2] != bits[1::2]).sum()) == (16 if label else 0)
+
+
 def test_classes_are_balanced_and_each_half_alone_is_uniform():
     task = data.PairImages(2000, 32, 4)
     bits, labels = zip(*(task.bits(i)[:2] for i in range(len(task))))
@@ -196,6 +204,10 @@ def test_pair_order_puts_partners_side_by_side_and_row_major_far_apart():
         assert data.pair_distance(reorder.order("column", h, w), h, w) == h // 2
     # 2 x 3: (0,0) (1,0) (0,1) (1,1) (0,2) (1,2)
     assert data.pair_order(2, 3).tolist() == [0, 3, 1, 4, 2, 5]
+    # neighbours on 4 x 2: rows 0 and 1, then rows 2 and 3
+    assert data.pair_order(4, 2, gap=1).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    assert data.pair_distance(reorder.order("row", 8, 8), 8, 8, gap=1) == 8
+    assert data.pair_distance(reorder.order("column", 8, 8), 8, 8, gap=1) == 1
 
 
 def test_odd_number_of_patch_rows_is_a_one_line_error(tmp_path, capsys):
@@ -204,7 +216,7 @@ def test_odd_number_of_patch_rows_is_a_one_line_error(tmp_path, capsys):
                     "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
-    assert "needs an even number of patch rows, got 3" in err
+    assert "needs a multiple of 2 patch rows, got 3" in err
     assert not (tmp_path / "run").exists()
 
 

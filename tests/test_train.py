@@ -31,17 +31,24 @@ def metrics(out):
 
 # ---- the curriculum ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("granularity,baseline", [("batch", "ema"), ("image", "loo")])
-def test_learn_order_passes_through_all_three_phases(tmp_path, granularity, baseline):
+@pytest.mark.parametrize("granularity,orders,baseline", [("batch", "1", "ema"),
+                                                        ("image", "1", "loo"),
+                                                        ("batch", "4", "loo"),
+                                                        ("image", "3", "loo")])
+def test_learn_order_passes_through_all_three_phases(tmp_path, granularity, orders, baseline):
     summary = run(tmp_path, "--epochs", "4", "--learn-order", "--order", "hilbert",
-                  "--policy-lr", "0.05", "--granularity", granularity, "--baseline", baseline)
+                  "--policy-lr", "5", "--granularity", granularity, "--orders-per-step", orders,
+                  "--baseline", baseline)
     out, lines = summary["out"], metrics(summary["out"])
     assert [m["phase"] for m in lines] == ["fixed", "learn", "finetune", "finetune"]
     assert lines[0]["tau"] == 0 and lines[2]["tau"] == 0 and 0.3 < lines[1]["tau"] / 0.2 < 0.7
     # the reward is -cross-entropy of the trained order: the learning epoch's mean is -train loss
     assert lines[0]["reward"] is None
     assert lines[1]["reward"] == pytest.approx(-lines[1]["train_loss"], rel=1e-5)
-    assert lines[0]["order_shift"] == 0 and lines[1]["order_shift"] > 0  # the policy moved it
+    # several orders on the same images differ in their rewards; one order has no spread
+    assert (lines[1]["order_spread"] > 0) == (orders != "1") and lines[0]["order_spread"] is None
+    start = reorder.PlackettLuce.from_order(reorder.order("hilbert", 4, 4)).logits.detach()
+    assert lines[0]["order_shift"] == 0 and not torch.equal(summary["policy_logits"], start)
     assert lines[2]["order_shift"] == lines[3]["order_shift"]  # frozen after learning
     for m in lines:
         assert 0 <= m["val_top1"] <= m["val_top5"] <= 100 and np.isfinite(m["train_loss"])
@@ -192,7 +199,11 @@ def fails(capsys, argv, message):
     (["--window", "wide"], "expected an integer or none"),
     (["--mixer", "mamba", "--window", "3"], "--window does not apply to --mixer mamba"),
     (["--mixer", "rnn"], "argument --mixer: invalid choice: 'rnn'"),
-    (["--learn-order", "--baseline", "loo"], "--baseline loo needs --granularity image"),
+    (["--learn-order", "--orders-per-step", "1", "--baseline", "loo"],
+     "--baseline loo with --orders-per-step 1 needs --granularity image"),
+    (["--learn-order", "--baseline", "ema"],
+     "--baseline ema is the estimator of --orders-per-step 1"),
+    (["--learn-order", "--orders-per-step", "0"], "--orders-per-step must be at least 1"),
     (["--epochs", "4", "--learn-order", "--policy-start", "3", "--policy-epochs", "3"],
      "exceeds --epochs 4"),
     (["--resume"], "nothing to resume"),
