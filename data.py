@@ -261,8 +261,8 @@ def pair_distance(perm, h, w, gap=None):
 class PairImages(Dataset):
     """Each patch shows one bit (plus noise); patch (r, c) is paired with (r + gap, c) (pairs_of).
 
-    Label 0: every partner repeats its first patch's bit. Label 1: `mismatches` random pairs
-    differ (default: half of them). Each patch alone is uniformly random, so chance is 50%.
+    Label 0: every partner repeats its first patch's bit. Label 1: a fraction `mismatch` of the
+    pairs, chosen at random, differ. Each patch alone is uniformly random, so chance is 50%.
     --data pairs: gap = h/2, the top half against the bottom half, so row-major puts every pair
     h/2 · w slots apart, far beyond a small window. --data neighbours: gap = 1, each even row
     against the row below, w slots apart in row-major and 1 in column-major. `pair_order` puts
@@ -271,7 +271,7 @@ class PairImages(Dataset):
 
     num_classes = 2
 
-    def __init__(self, n, size, patch, gap=None, offset=0, mismatches=None, noise=0.5):
+    def __init__(self, n, size, patch, gap=None, offset=0, mismatch=0.5, noise=0.5):
         h, w = reorder.grid_size(size, patch)
         gap = gap or h // 2
         if h % (2 * gap):
@@ -280,7 +280,7 @@ class PairImages(Dataset):
                              f"--patch 4")
         self.n, self.patch, self.grid, self.offset = n, patch, (h, w), offset
         self.pairs = pairs_of(h, w, gap)
-        self.mismatches, self.noise = mismatches or len(self.pairs) // 2, noise
+        self.mismatches, self.noise = round(mismatch * len(self.pairs)), noise
 
     def __len__(self):
         return self.n

@@ -264,6 +264,14 @@ def model_step(model, optimizer, scheduler, scaler, images, labels, perms, dtype
     return logits, losses, loss_value
 
 
+def policy_optimizer(policy, lr):
+    """SGD, not the paper's AdamW. Adam scales every step to about lr whatever the gradient's
+    size, so rewards that cannot tell orders apart (a model that does not yet use the order, or
+    float noise) would still move the logits at full speed; SGD's step is proportional to the
+    reward differences it saw, so no signal means no step (README: what the policy needs)."""
+    return torch.optim.SGD(policy.parameters(), lr=lr)
+
+
 def policy_update(policy, policy_opt, perm, tau, reward, baseline, world=1):
     """One REINFORCE step of the policy (§5) on the orders `perm` and their rewards: scored under
     the current logits (on every rank: the orders are rank 0's), gradients averaged over ranks,
@@ -433,10 +441,7 @@ def train(args):
     policy = policy_opt = None
     if args.learn_order:
         policy = reorder.PlackettLuce.from_order(start_perm.cpu()).to(device)  # float32 under AMP
-        # SGD, not the paper's AdamW: Adam scales every step to about lr, so rewards that cannot
-        # tell orders apart would still move the logits at full speed (README: what the policy
-        # needs); SGD's step is proportional to the reward differences it saw
-        policy_opt = torch.optim.SGD(policy.parameters(), lr=args.policy_lr)
+        policy_opt = policy_optimizer(policy, args.policy_lr)
     ema = reorder.EMABaseline(0.99)
     policy_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     progress = Progress()
