@@ -128,6 +128,7 @@ def test_reorder_imports_only_torch_and_the_standard_library():
     assert modules - set(sys.stdlib_module_names) == {"torch"}
 
 
+@pytest.mark.slow
 def test_reorder_runs_alone_in_an_empty_folder(tmp_path):
     shutil.copy(os.path.join(ROOT, "reorder.py"), tmp_path)
     (tmp_path / "use.py").write_text(

@@ -55,6 +55,7 @@ def test_learn_order_passes_through_all_three_phases(tmp_path, granularity, base
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_compiled_model_trains_like_the_eager_one(tmp_path):
     # torch.compile is the GPU path's speed-up; on CPU it runs through inductor's C++ backend
     eager = run(tmp_path, "--epochs", "3", "--learn-order", name="eager")
@@ -106,6 +107,7 @@ def train_cmd(out, *extra):
             *extra]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     whole = subprocess.run(train_cmd(tmp_path / "whole"), capture_output=True, text=True,
                            timeout=300)
@@ -140,6 +142,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
             assert all(torch.equal(x["model"][k], y["model"][k]) for k in x["model"])
 
 
+@pytest.mark.slow
 def test_two_ddp_ranks_end_with_identical_policy_logits(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(
