@@ -117,6 +117,16 @@ def test_bad_model_input_is_a_one_line_error():
         small_vit(2)(torch.randn(1, 3, 16, 16))
 
 
+def test_forward_takes_only_permutations_of_its_patches():
+    model, x = small_vit(2), torch.randn(2, 3, 16, 20)
+    row = order("row", 4, 5)
+    for bad, message in ((row[:-1], "shape"), (torch.cat([row[:-1], row[:1]]), "not a permutation"),
+                         (row - 1, "not a permutation"), (row[None], "one per image"),
+                         (torch.stack([row] * 3), "one per image")):
+        with pytest.raises(ValueError, match=message):
+            model(x, bad)
+
+
 def test_reorder_imports_only_torch_and_the_standard_library():
     tree = ast.parse(open(os.path.join(ROOT, "reorder.py")).read())
     modules = set()
