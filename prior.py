@@ -194,11 +194,14 @@ def main(argv=None):
                     help="processes (default: all cores)")
     ap.add_argument("--order-file", action="append", default=[],
                     help="also score a saved order (repeatable)")
-    ap.add_argument("--out", default="prior.json")
+    ap.add_argument("--out", default="prior.json", help="the table as JSON (its folder is made)")
     args = ap.parse_args(argv)
 
-    try:
-        h, w = reorder.grid_size(args.img_size, args.patch)  # before loading any data
+    try:  # every check before loading any data
+        data.check_ranges(args, at_least={"n": 1, "codebook": 1, "workers": 1})
+        h, w = reorder.grid_size(args.img_size, args.patch)
+        folder = os.path.dirname(args.out) or "."
+        data.check_writable(folder)
         dataset = data.build_dataset(args.data, args.root, "train", args.img_size,
                                      patch=args.patch)
         images = sample_images(dataset, args.n, args.seed)
@@ -207,18 +210,19 @@ def main(argv=None):
             orders[os.path.basename(path)] = data.load_order(path, h * w)
         start = time.perf_counter()
         table = compressibility(images, args.patch, orders, args.codebook, args.seed, args.preset,
-                                max(1, args.workers))
+                                args.workers)
+        seconds = time.perf_counter() - start
+        print(format_table(table))
+        print(f"start the policy from: {pick(table)} (the least compressible ordering)")
+        print(f"{table['images']} images x {len(orders)} orderings x 2 streams in {seconds:.1f} s "
+              f"({table['images'] / seconds:.0f} images/s, {args.workers} workers)")
+        table.update(pick=pick(table), config=vars(args))
+        os.makedirs(folder, exist_ok=True)
+        with data.atomic_path(args.out) as tmp, open(tmp, "w") as f:
+            json.dump(table, f, indent=1, sort_keys=True)
     except (ValueError, FileNotFoundError) as e:
         print(f"prior.py: error: {e}", file=sys.stderr)
         return 2
-    seconds = time.perf_counter() - start
-    print(format_table(table))
-    print(f"start the policy from: {pick(table)} (the least compressible ordering)")
-    print(f"{table['images']} images x {len(orders)} orderings x 2 streams in {seconds:.1f} s "
-          f"({table['images'] / seconds:.0f} images/s, {max(1, args.workers)} workers)")
-    table.update(pick=pick(table), config=vars(args))
-    with open(args.out, "w") as f:
-        json.dump(table, f, indent=1, sort_keys=True)
     return 0
 
 

@@ -92,9 +92,14 @@ def load_checkpoint(path):
                          f"delete it, or choose another --out") from None
 
 
-def check_inputs(args, world, last):
+def check_inputs(args, world, out):
     """(checkpoint or None, train set, val set, model): every flag, the run folder, the data and
     the model's configuration checked, so that bad input is one line and nothing is written."""
+    data.check_ranges(args, at_least={"epochs": 1, "batch_size": 1, "prior_n": 1, "subset": 1,
+                                      "val_subset": 1, "dim": 1, "depth": 1, "heads": 1,
+                                      "policy_epochs": 1, "policy_start": 0, "warmup_epochs": 0,
+                                      "workers": 0, "save_every": 0},
+                      above_zero=("lr", "policy_lr", "clip", "tau_max"))  # clip < 0 flips grads
     with as_usage_errors():
         reorder.grid_size(args.img_size, args.patch)
     if args.learn_order:
@@ -103,6 +108,11 @@ def check_inputs(args, world, last):
                              f"{args.policy_epochs} exceeds --epochs {args.epochs}")
         if args.baseline == "loo" and args.granularity != "image":
             raise UsageError("--baseline loo needs --granularity image (one order per image)")
+        if args.baseline == "loo" and args.batch_size < 2:
+            raise UsageError("--baseline loo needs --batch-size 2 or more: it compares each image "
+                             "with the others of its batch")
+    data.check_writable(out)
+    last = os.path.join(out, "last.pt")
     ckpt = None
     if args.resume:
         if not os.path.exists(last):
@@ -131,7 +141,7 @@ def check_inputs(args, world, last):
         raise UsageError(f"train/ and val/ hold different class folders under {args.root}: "
                          f"make them match")
     first = next(item for item in (train_set.dataset[i] for i in range(len(train_set))) if item)
-    sizes = {k: getattr(args, k) for k in ("dim", "depth", "heads") if getattr(args, k)}
+    sizes = {k: getattr(args, k) for k in ("dim", "depth", "heads") if getattr(args, k) is not None}
     with as_usage_errors():  # reorder.py's own checks (window, width vs heads, ...)
         cfg = reorder.vit_config(args.model, img_size=args.img_size, patch_size=args.patch,
                                  in_chans=first[0].shape[0],
@@ -388,7 +398,7 @@ def train(args):
     out = args.out or os.path.join("runs", f"{args.data}-{args.order.replace(os.sep, '_')}"
                                            f"{'-learn' if args.learn_order else ''}-s{args.seed}")
     last = os.path.join(out, "last.pt")
-    ckpt, train_set, val_set, raw_model = check_inputs(args, world, last)
+    ckpt, train_set, val_set, raw_model = check_inputs(args, world, out)
     raw_model, grid = raw_model.to(device), raw_model.grid
     if ckpt:
         start_perm, order_name, prior_table = ckpt["start_perm"], ckpt["order_name"], None
@@ -398,7 +408,7 @@ def train(args):
     if rank == 0:  # all input checked: from here on the run writes into `out`
         os.makedirs(out, exist_ok=True)
         if prior_table:
-            with open(os.path.join(out, "prior.json"), "w") as f:
+            with data.atomic_path(os.path.join(out, "prior.json")) as tmp, open(tmp, "w") as f:
                 json.dump(prior_table, f, indent=1)
 
     # ---- model, policy, optimizers, schedules; everything a checkpoint restores in one dict
@@ -434,7 +444,7 @@ def train(args):
         scheduler.base_lrs = [args.lr]  # a lowered --lr takes effect on resume
     else:
         if rank == 0:
-            with open(os.path.join(out, "config.json"), "w") as f:
+            with data.atomic_path(os.path.join(out, "config.json")) as tmp, open(tmp, "w") as f:
                 json.dump({**vars(args), "vit": dataclasses.asdict(raw_model.cfg),
                            "order_name": order_name, "steps_per_epoch": steps_per_epoch}, f,
                           indent=1)
@@ -628,9 +638,6 @@ def parse_args(argv=None):
         args.policy_epochs = max(1, min(round(0.30 * e), room))
     if args.warmup_epochs is None:
         args.warmup_epochs = round(0.05 * e)
-    for name in ("epochs", "batch_size", "prior_n"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
 

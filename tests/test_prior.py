@@ -100,12 +100,29 @@ def test_same_seed_gives_identical_json_for_any_number_of_workers(tmp_path):
      "image size 30x30 is not divisible by patch size 4"),
     (["--data", "folder", "--root", "/nonexistent/place"],
      "data folder /nonexistent/place/train not found"),
+    (["--data", "synthetic", "--codebook", "0"], "--codebook must be at least 1, got 0"),
+    (["--data", "synthetic", "--codebook", "-3"], "--codebook must be at least 1, got -3"),
+    (["--data", "synthetic", "--workers", "0"], "--workers must be at least 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
     assert prior.main(args + ["--out", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "x.json").exists()
+
+
+def test_out_is_checked_before_the_computation_and_its_folder_made(tmp_path, capsys, monkeypatch):
+    real = prior.compressibility
+    monkeypatch.setattr(prior, "compressibility", lambda *a, **k: pytest.fail("computed first"))
+    (tmp_path / "file").write_text("")
+    args = ["--data", "synthetic", "--n", "16", "--img-size", "16", "--codebook", "4"]
+    assert prior.main(args + ["--out", str(tmp_path / "file" / "p.json")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write into" in err and err.count("\n") == 1
+    monkeypatch.setattr(prior, "compressibility", real)
+    assert prior.main(args + ["--workers", "1", "--out", str(tmp_path / "new" / "p.json")]) == 0
+    assert json.loads((tmp_path / "new" / "p.json").read_text())["images"] == 16
+    assert os.listdir(tmp_path / "new") == ["p.json"]
 
 
 def test_an_empty_folder_is_one_line_and_exit_2(tmp_path, capsys):

@@ -189,10 +189,35 @@ def fails(capsys, argv, message):
     (["--batch-size", "1000"], "fewer than one batch"),
     pytest.param(["--device", "cuda"], "torch sees no CUDA device", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="this machine has a CUDA device")),
+    (["--clip", "-1"], "--clip must be > 0, got -1.0"),  # clip_grad_norm_ would flip the gradient
+    (["--clip", "0"], "--clip must be > 0"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--policy-lr", "-1", "--learn-order"], "--policy-lr must be > 0"),
+    (["--workers", "-1"], "--workers must be at least 0"),
+    (["--subset", "-5"], "--subset must be at least 1"),
+    (["--subset", "0"], "--subset must be at least 1"),  # was silently "all"
+    (["--val-subset", "0"], "--val-subset must be at least 1"),
+    (["--dim", "0"], "--dim must be at least 1"),
+    (["--heads", "0"], "--heads must be at least 1"),
+    (["--depth", "-1"], "--depth must be at least 1"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--learn-order", "--policy-start", "-1"], "--policy-start must be at least 0"),
+    (["--learn-order", "--tau-max", "0"], "--tau-max must be > 0"),
+    (["--learn-order", "--tau-max", "-0.2"], "--tau-max must be > 0"),
+    (["--learn-order", "--granularity", "image", "--baseline", "loo", "--batch-size", "1"],
+     "--baseline loo needs --batch-size 2 or more"),
 ])
 def test_bad_flags(tmp_path, capsys, extra, message):
-    fails(capsys, [*TINY, "--out", str(tmp_path / "run"), *extra], message)
+    fails(capsys, [*TINY, "--epochs", "1", "--out", str(tmp_path / "run"), *extra], message)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unwritable_out_is_one_line_before_any_data_is_read(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        fails(capsys, [*TINY, "--data", "folder", "--root", str(tmp_path / "nowhere"),
+                       "--out", str(out)], "cannot write into")
+    assert os.listdir(tmp_path) == ["file"] and (tmp_path / "file").read_text() == "not a folder"
 
 
 def test_missing_and_empty_data_folders(tmp_path, capsys):
