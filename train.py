@@ -69,6 +69,8 @@ class Curriculum:
 # Input: every check runs before anything is written
 # --------------------------------------------------------------------------------------------------
 
+RUN_FILES = ("config.json", "prior.json", "metrics.jsonl", "last.pt", "best.pt", "order.pt",
+             "order.png")
 RESUME_KEYS = ("data", "root", "subset", "img_size", "patch", "model", "dim", "depth", "heads",
                "window", "order", "learn_order", "epochs", "batch_size", "warmup_epochs",
                "policy_start", "policy_epochs", "tau_max", "reward", "baseline", "granularity",
@@ -88,8 +90,8 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UsageError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}): "
-                         f"delete it, or choose another --out") from None
+        raise UsageError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}): it "
+                         f"cannot be resumed; train into another --out") from None
 
 
 def check_inputs(args, world, out):
@@ -125,9 +127,11 @@ def check_inputs(args, world, out):
                              for k in diff[:3])
             raise UsageError(f"checkpoint {last} does not match this run: it was trained with "
                              f"{what or 'another layout'}; use the same flags, or another --out")
-    elif os.path.exists(last):
-        raise UsageError(f"{os.path.dirname(last)} already holds a run: pass --resume to continue "
-                         f"it, or choose another --out")
+    else:  # any output of a run, not only last.pt: nothing of an earlier run is overwritten
+        found = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+        if found:
+            raise UsageError(f"{out} already holds a run ({', '.join(found)}): pass --resume to "
+                             f"continue it, or choose another --out")
 
     train_set = data.build_dataset(args.data, args.root, "train", args.img_size, augment=True,
                                    seed=args.seed, subset=args.subset, patch=args.patch)

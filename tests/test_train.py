@@ -175,6 +175,7 @@ def fails(capsys, argv, message):
     assert e.value.code == 2, err
     assert message in err, err
     assert err.count("\n") == 1, err
+    return err
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -245,6 +246,21 @@ def test_corrupt_mismatched_and_existing_checkpoints(tmp_path, capsys):
           "does not match this run: it was trained with --window 7 (now 3)")
     fails(capsys, [*TINY, "--out", str(tmp_path / "good"), "--epochs", "1"], "already holds a run")
     assert (tmp_path / "good" / "last.pt").read_bytes() == before
+
+
+def test_a_folder_holding_any_run_output_is_refused_and_no_advice_loses_work(tmp_path, capsys):
+    out = run(tmp_path, "--epochs", "1")["out"]
+    kept = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+    with open(os.path.join(out, "last.pt"), "r+b") as f:  # the repro: last.pt torn, ...
+        f.truncate(100)
+    err = fails(capsys, [*TINY, "--epochs", "1", "--out", out, "--resume"], "unreadable or corrupt")
+    assert "delete" not in err and "another --out" in err
+    os.remove(os.path.join(out, "last.pt"))  # ... then removed by hand, then a new run there
+    err = fails(capsys, [*TINY, "--epochs", "1", "--seed", "1", "--out", out], "already holds a run")
+    assert "delete" not in err
+    for name, content in kept.items():
+        if name != "last.pt":
+            assert open(os.path.join(out, name), "rb").read() == content, name
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
