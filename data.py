@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import shutil
 import sys
 import tempfile
@@ -90,6 +91,14 @@ def atomic_path(path):
     finally:
         with suppress(FileNotFoundError):  # renamed already, unless the block failed
             os.remove(tmp)
+
+
+def remove_temporary_files(folder):
+    """Remove what atomic_path leaves behind when its process is killed mid-write (*.tmp<pid>);
+    only while no other process writes into `folder`."""
+    for name in os.listdir(folder):
+        if re.fullmatch(r".+\.tmp\d+", name):
+            os.remove(os.path.join(folder, name))
 
 
 def atomic_write(blob, path):

@@ -14,6 +14,7 @@ exists.
 """
 import argparse
 import dataclasses
+import fcntl
 import itertools
 import json
 import math
@@ -69,6 +70,7 @@ class Curriculum:
 # Input: every check runs before anything is written
 # --------------------------------------------------------------------------------------------------
 
+LOCK = "train.lock"
 RUN_FILES = ("config.json", "prior.json", "metrics.jsonl", "last.pt", "best.pt", "order.pt",
              "order.png")
 RESUME_KEYS = ("data", "root", "subset", "img_size", "patch", "model", "dim", "depth", "heads",
@@ -94,6 +96,32 @@ def load_checkpoint(path):
                          f"cannot be resumed; train into another --out") from None
 
 
+def lock_run_folder(out, take):
+    """The run folder's lock: a file holding the pid of the run that writes there, locked with
+    fcntl.flock. The kernel releases the lock when that process ends, even by SIGKILL, so a killed
+    run's lock file never blocks --resume. A second run gets one line naming the first's pid.
+    take=False only checks, creating nothing; take=True returns the lock file, held until closed."""
+    try:
+        f = open(os.path.join(out, LOCK), "a+" if take else "r")
+    except FileNotFoundError:  # nothing to check
+        return None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise UsageError(f"{out} is in use by process {pid}, a run writing there: wait for it to "
+                         f"end, or choose another --out") from None
+    if not take:
+        f.close()
+        return None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def check_inputs(args, world, out):
     """(checkpoint or None, train set, val set, model): every flag, the run folder, the data and
     the model's configuration checked, so that bad input is one line and nothing is written."""
@@ -114,6 +142,7 @@ def check_inputs(args, world, out):
             raise UsageError("--baseline loo needs --batch-size 2 or more: it compares each image "
                              "with the others of its batch")
     data.check_writable(out)
+    lock_run_folder(out, take=False)
     last = os.path.join(out, "last.pt")
     ckpt = None
     if args.resume:
@@ -409,146 +438,164 @@ def train(args):
     else:
         start_perm, order_name, prior_table = initial_order(args, grid, train_set, rank, world)
     start_perm = start_perm.to(device)
+    lock = None
     if rank == 0:  # all input checked: from here on the run writes into `out`
         os.makedirs(out, exist_ok=True)
+        lock = lock_run_folder(out, take=True)
+        data.remove_temporary_files(out)  # of writes killed mid-way; no one else writes here now
+    try:
         if prior_table:
             with data.atomic_path(os.path.join(out, "prior.json")) as tmp, open(tmp, "w") as f:
                 json.dump(prior_table, f, indent=1)
 
-    # ---- model, policy, optimizers, schedules; everything a checkpoint restores in one dict
-    sampler, loader, val_loader = make_loaders(args, train_set, val_set, rank, world, device)
-    steps_per_epoch = len(sampler) // args.batch_size
-    curriculum = Curriculum.of(args, steps_per_epoch)
-    dtype = amp_dtype(args.amp, device)
-    model = torch.compile(raw_model) if args.compile else raw_model
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr,
-                                  weight_decay=args.weight_decay)
-    warmup, total = args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    policy = policy_opt = None
-    if args.learn_order:
-        policy = reorder.PlackettLuce.from_order(start_perm.cpu()).to(device)  # float32 under AMP
-        policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.policy_lr, weight_decay=0.03)
-    ema = reorder.EMABaseline(0.99)
-    policy_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-    progress = Progress()
-    state = {"model": raw_model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
-             "policy": policy, "policy_opt": policy_opt, "baseline": ema,
-             "rng": RandomStreams(device, policy_gen), "progress": progress}
-    state = {name: obj for name, obj in state.items() if obj is not None}
-    meta = {"start_perm": start_perm.cpu(), "order_name": order_name,
-            "config": {k: getattr(args, k) for k in RESUME_KEYS}}
-    if ckpt:
-        for name, obj in state.items():
-            obj.load_state_dict(ckpt[name])
-        scheduler.base_lrs = [args.lr]  # a lowered --lr takes effect on resume
-    else:
-        if rank == 0:
-            with data.atomic_path(os.path.join(out, "config.json")) as tmp, open(tmp, "w") as f:
-                json.dump({**vars(args), "vit": dataclasses.asdict(raw_model.cfg),
-                           "order_name": order_name, "steps_per_epoch": steps_per_epoch}, f,
-                          indent=1)
+        # ---- model, policy, optimizers, schedules; everything a checkpoint restores in one dict
+        sampler, loader, val_loader = make_loaders(args, train_set, val_set, rank, world, device)
+        steps_per_epoch = len(sampler) // args.batch_size
+        curriculum = Curriculum.of(args, steps_per_epoch)
+        dtype = amp_dtype(args.amp, device)
+        model = torch.compile(raw_model) if args.compile else raw_model
+        if world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr,
+                                      weight_decay=args.weight_decay)
+        warmup, total = args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                      lambda s: lr_factor(s, warmup, total))
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        policy = policy_opt = None
+        if args.learn_order:
+            policy = reorder.PlackettLuce.from_order(start_perm.cpu()).to(device)  # fp32 under AMP
+            policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.policy_lr,
+                                           weight_decay=0.03)
+        ema = reorder.EMABaseline(0.99)
+        policy_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+        progress = Progress()
+        state = {"model": raw_model, "optimizer": optimizer, "scheduler": scheduler,
+                 "scaler": scaler, "policy": policy, "policy_opt": policy_opt, "baseline": ema,
+                 "rng": RandomStreams(device, policy_gen), "progress": progress}
+        state = {name: obj for name, obj in state.items() if obj is not None}
+        meta = {"start_perm": start_perm.cpu(), "order_name": order_name,
+                "config": {k: getattr(args, k) for k in RESUME_KEYS}}
+        if ckpt:
+            for name, obj in state.items():
+                obj.load_state_dict(ckpt[name])
+            scheduler.base_lrs = [args.lr]  # a lowered --lr takes effect on resume
+        else:
+            if rank == 0:
+                with data.atomic_path(os.path.join(out, "config.json")) as tmp, open(tmp, "w") as f:
+                    json.dump({**vars(args), "vit": dataclasses.asdict(raw_model.cfg),
+                               "order_name": order_name, "steps_per_epoch": steps_per_epoch}, f,
+                              indent=1)
 
-    def checkpoint(path):
-        if rank == 0:
-            data.atomic_save({**{k: obj.state_dict() for k, obj in state.items()}, **meta}, path)
+        def checkpoint(path):
+            if rank == 0:
+                data.atomic_save({**{k: obj.state_dict() for k, obj in state.items()}, **meta},
+                                 path)
 
-    def current_order():
-        return policy.mode() if policy is not None else start_perm
+        def current_order():
+            return policy.mode() if policy is not None else start_perm
 
-    # ---- the loop
-    while progress.epoch < args.epochs:
-        t0 = time.time()
-        sampler.set_epoch(progress.epoch)
-        sampler.skip = progress.done_in_epoch * args.batch_size
-        loader.dataset.epoch = progress.epoch
-        bar = tqdm(loader, desc=f"epoch {progress.epoch}", total=steps_per_epoch,
-                   initial=progress.done_in_epoch, disable=rank != 0 or args.quiet, leave=False)
-        for x, y in bar:
-            step = progress.epoch * steps_per_epoch + progress.done_in_epoch
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            phase, tau = curriculum.phase(step)
+        # ---- the loop
+        while progress.epoch < args.epochs:
+            t0 = time.time()
+            sampler.set_epoch(progress.epoch)
+            sampler.skip = progress.done_in_epoch * args.batch_size
+            loader.dataset.epoch = progress.epoch
+            bar = tqdm(loader, desc=f"epoch {progress.epoch}", total=steps_per_epoch,
+                       initial=progress.done_in_epoch, disable=rank != 0 or args.quiet, leave=False)
+            for x, y in bar:
+                step = progress.epoch * steps_per_epoch + progress.done_in_epoch
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                phase, tau = curriculum.phase(step)
 
-            # 1. the order: sampled from the policy while learning (rank 0's, on every rank),
-            #    else the fixed one; one for the batch, or one per image
-            if phase == "learn":
-                perm, _ = policy.sample(1 if args.granularity == "batch" else len(y), tau,
-                                        policy_gen)
-                if world > 1:
-                    dist.broadcast(perm, 0)
-            else:
-                perm = current_order()[None]
+                # 1. the order: sampled from the policy while learning (rank 0's, on every rank),
+                #    else the fixed one; one for the batch, or one per image
+                if phase == "learn":
+                    perm, _ = policy.sample(1 if args.granularity == "batch" else len(y), tau,
+                                            policy_gen)
+                    if world > 1:
+                        dist.broadcast(perm, 0)
+                else:
+                    perm = current_order()[None]
 
-            # 2. the classifier's step on images read in that order
-            logits, per_image, loss_value = model_step(model, optimizer, scheduler, scaler, x, y,
-                                                       perm[0] if len(perm) == 1 else perm, dtype,
-                                                       args.clip)
-            if not math.isfinite(loss_value):
-                raise UsageError(f"loss is {loss_value} at step {step} (epoch {progress.epoch}): "
-                                 f"stopped; {last} holds the last good state; lower --lr (then "
-                                 f"--resume), or try --amp bf16/off")
-            correct = logits.argmax(1) == y
+                # 2. the classifier's step on images read in that order
+                logits, per_image, loss_value = model_step(
+                    model, optimizer, scheduler, scaler, x, y, perm[0] if len(perm) == 1 else perm,
+                    dtype, args.clip)
+                if not math.isfinite(loss_value):
+                    raise UsageError(f"loss is {loss_value} at step {step} (epoch "
+                                     f"{progress.epoch}): stopped; {last} holds the last good "
+                                     f"state; lower --lr (then --resume), or try --amp bf16/off")
+                correct = logits.argmax(1) == y
 
-            # 3. REINFORCE on the same forward pass (§5): reward, baseline, one policy step
-            if phase == "learn":
-                reward = -per_image if args.reward == "xent" else correct.float() * 2 - 1
-                mean_reward = reward.mean()
-                if world > 1:
-                    dist.all_reduce(mean_reward)
-                    mean_reward /= world
-                baseline = (ema(mean_reward.item()) if args.baseline == "ema"
-                            else reorder.loo_baseline(reward))
-                log_prob = policy_update(policy, policy_opt, perm, tau, reward, baseline, world)
-                progress.add(reward=mean_reward.item(), neg_logp=-log_prob.mean().item(),
-                             policy_steps=1)
+                # 3. REINFORCE on the same forward pass (§5): reward, baseline, one policy step
+                if phase == "learn":
+                    reward = -per_image if args.reward == "xent" else correct.float() * 2 - 1
+                    mean_reward = reward.mean()
+                    if world > 1:
+                        dist.all_reduce(mean_reward)
+                        mean_reward /= world
+                    baseline = (ema(mean_reward.item()) if args.baseline == "ema"
+                                else reorder.loo_baseline(reward))
+                    log_prob = policy_update(policy, policy_opt, perm, tau, reward, baseline, world)
+                    progress.add(reward=mean_reward.item(), neg_logp=-log_prob.mean().item(),
+                                 policy_steps=1)
 
-            # 4. bookkeeping, and a checkpoint every --save-every steps
-            progress.add(loss=loss_value * len(y), correct=correct.sum().item(), images=len(y),
-                         tau=tau, steps=1)
-            progress.done_in_epoch += 1
-            s = progress.sums
-            bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{100 * s['correct'] / s['images']:.1f}",
-                            tau=f"{tau:.3f}",
-                            reward=f"{s.get('reward', 0) / max(1, s.get('policy_steps', 0)):.3f}")
-            if args.save_every and progress.done_in_epoch % args.save_every == 0 \
-                    and progress.done_in_epoch < steps_per_epoch:
-                checkpoint(last)
-        bar.close()
+                # 4. bookkeeping, and a checkpoint every --save-every steps
+                progress.add(loss=loss_value * len(y), correct=correct.sum().item(), images=len(y),
+                             tau=tau, steps=1)
+                progress.done_in_epoch += 1
+                s = progress.sums
+                bar.set_postfix(
+                    loss=f"{loss_value:.3f}", acc=f"{100 * s['correct'] / s['images']:.1f}",
+                    tau=f"{tau:.3f}",
+                    reward=f"{s.get('reward', 0) / max(1, s.get('policy_steps', 0)):.3f}")
+                if args.save_every and progress.done_in_epoch % args.save_every == 0 \
+                        and progress.done_in_epoch < steps_per_epoch:
+                    checkpoint(last)
+            bar.close()
 
-        # ---- end of epoch: validate, log, save
-        order_now = current_order()
-        top1, top5 = evaluate(model, val_loader, order_now, device, dtype, world)
-        s, p_steps = progress.sums, progress.sums.get("policy_steps", 0)
-        progress.history.append({
-            "epoch": progress.epoch, "phase": curriculum.phase(progress.epoch * steps_per_epoch)[0],
-            "train_loss": s["loss"] / s["images"], "train_top1": 100 * s["correct"] / s["images"],
-            "val_top1": top1, "val_top5": top5, "lr": scheduler.get_last_lr()[0],
-            "tau": s["tau"] / s["steps"], "reward": s["reward"] / p_steps if p_steps else None,
-            "entropy": s["neg_logp"] / p_steps if p_steps else None,  # Monte Carlo, at the tau used
-            # mean number of slots a patch has moved since the start; argsort(perm) = its slot
-            "order_shift": (order_now.argsort() - start_perm.argsort()).abs().float().mean().item(),
-            "seconds": time.time() - t0})
-        progress.epoch, progress.done_in_epoch, progress.sums = progress.epoch + 1, 0, {}
-        is_best, progress.best = top1 > progress.best, max(progress.best, top1)
-        checkpoint(last)
-        if rank == 0:
-            if is_best:
-                checkpoint(os.path.join(out, "best.pt"))
-            with data.atomic_path(os.path.join(out, "metrics.jsonl")) as tmp, open(tmp, "w") as f:
-                f.writelines(json.dumps(line) + "\n" for line in progress.history)
-            data.save_order(os.path.join(out, "order.pt"), order_now, grid)
-            draw_order(order_now.cpu(), grid, os.path.join(out, "order.png"))
-            h = progress.history[-1]
-            print(f"epoch {h['epoch']} {h['phase']}: train loss {h['train_loss']:.4f}, val top-1 "
-                  f"{top1:.2f} top-5 {top5:.2f}, tau {h['tau']:.3f}, order shift "
-                  f"{h['order_shift']:.2f}, {h['seconds']:.1f} s", flush=True)
+            # ---- end of epoch: validate, log, save
+            order_now = current_order()
+            top1, top5 = evaluate(model, val_loader, order_now, device, dtype, world)
+            s, p_steps = progress.sums, progress.sums.get("policy_steps", 0)
+            progress.history.append({
+                "epoch": progress.epoch,
+                "phase": curriculum.phase(progress.epoch * steps_per_epoch)[0],
+                "train_loss": s["loss"] / s["images"],
+                "train_top1": 100 * s["correct"] / s["images"],
+                "val_top1": top1, "val_top5": top5, "lr": scheduler.get_last_lr()[0],
+                "tau": s["tau"] / s["steps"], "reward": s["reward"] / p_steps if p_steps else None,
+                # Monte Carlo, at the tau used
+                "entropy": s["neg_logp"] / p_steps if p_steps else None,
+                # mean number of slots a patch has moved since the start; argsort(perm) = its slot
+                "order_shift": (order_now.argsort() - start_perm.argsort()).abs().float().mean()
+                .item(),
+                "seconds": time.time() - t0})
+            progress.epoch, progress.done_in_epoch, progress.sums = progress.epoch + 1, 0, {}
+            is_best, progress.best = top1 > progress.best, max(progress.best, top1)
+            checkpoint(last)
+            if rank == 0:
+                if is_best:
+                    checkpoint(os.path.join(out, "best.pt"))
+                metrics = os.path.join(out, "metrics.jsonl")
+                with data.atomic_path(metrics) as tmp, open(tmp, "w") as f:
+                    f.writelines(json.dumps(line) + "\n" for line in progress.history)
+                data.save_order(os.path.join(out, "order.pt"), order_now, grid)
+                draw_order(order_now.cpu(), grid, os.path.join(out, "order.png"))
+                h = progress.history[-1]
+                print(f"epoch {h['epoch']} {h['phase']}: train loss {h['train_loss']:.4f}, val "
+                      f"top-1 {top1:.2f} top-5 {top5:.2f}, tau {h['tau']:.3f}, order shift "
+                      f"{h['order_shift']:.2f}, {h['seconds']:.1f} s", flush=True)
 
-    return {"out": out, "history": progress.history, "order": current_order().cpu(),
-            "policy_logits": policy.logits.detach().cpu() if policy is not None else None}
+        return {"out": out, "history": progress.history, "order": current_order().cpu(),
+                "policy_logits": policy.logits.detach().cpu() if policy is not None else None}
+
+    finally:
+        if lock:
+            os.remove(lock.name)
+            lock.close()
 
 
 def lr_factor(step, warmup_steps, total_steps):

@@ -67,7 +67,7 @@ def test_tau_zero_returns_the_mode_without_sampling():
 
 def test_log_prob_and_from_order_take_only_permutations_and_a_positive_tau():
     policy, row = PlackettLuce(4), order("row", 2, 2)
-    not_perms = (torch.tensor([0, 0, 1, 2]), torch.tensor([-1, 0, 1, 2]), torch.tensor([0, 1, 2, 4]))
+    not_perms = tuple(map(torch.tensor, ([0, 0, 1, 2], [-1, 0, 1, 2], [0, 1, 2, 4])))
     for bad in not_perms + (torch.tensor([0, 1, 2]),):  # the last: a permutation, of 3 not 4
         with pytest.raises(ValueError):
             policy.log_prob(bad)

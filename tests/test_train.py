@@ -166,6 +166,41 @@ def test_two_ddp_ranks_end_with_identical_policy_logits(tmp_path):
     assert [m["phase"] for m in metrics(out)] == ["fixed", "learn", "finetune"]
 
 
+@pytest.mark.slow
+def test_a_busy_run_folder_is_refused_with_its_pid_and_a_killed_runs_lock_is_not(tmp_path, capsys):
+    script = tmp_path / "slow_run.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import train\n"
+        "step = train.model_step\n"
+        "train.model_step = lambda *a: (time.sleep(0.3), step(*a))[1]  # a run that takes a while\n"
+        "train.main(sys.argv[1:])\n")
+    out = tmp_path / "run"
+    argv = [*TINY, "--epochs", "2", "--save-every", "2", "--out", str(out)]
+    first = subprocess.Popen([sys.executable, str(script), *argv], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "last.pt").exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    for extra in (["--resume"], ["--seed", "1"]):  # a second run, with or without --resume
+        fails(capsys, [*argv, *extra], f"in use by process {first.pid}")
+    assert first.poll() is None, "the first run ended before the second one was tried"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert any("lock" in name for name in os.listdir(out))  # the killed run's, left behind
+    train.main([*argv, "--resume"])
+    assert len(metrics(out)) == 2 and not any("lock" in name for name in os.listdir(out))
+
+
+def test_temporary_files_of_a_killed_write_are_removed_on_the_next_start(tmp_path):
+    out = run(tmp_path, "--epochs", "1")["out"]
+    for name in ("last.pt.tmp4242", "metrics.jsonl.tmp17"):
+        open(os.path.join(out, name), "wb").close()
+    run(tmp_path, "--epochs", "1", "--resume")
+    assert not [name for name in os.listdir(out) if ".tmp" in name]
+
+
 # ---- bad input: one line, exit status 2, nothing overwritten -------------------------------------
 
 def fails(capsys, argv, message):
@@ -256,7 +291,8 @@ def test_a_folder_holding_any_run_output_is_refused_and_no_advice_loses_work(tmp
     err = fails(capsys, [*TINY, "--epochs", "1", "--out", out, "--resume"], "unreadable or corrupt")
     assert "delete" not in err and "another --out" in err
     os.remove(os.path.join(out, "last.pt"))  # ... then removed by hand, then a new run there
-    err = fails(capsys, [*TINY, "--epochs", "1", "--seed", "1", "--out", out], "already holds a run")
+    err = fails(capsys, [*TINY, "--epochs", "1", "--seed", "1", "--out", out],
+                "already holds a run")
     assert "delete" not in err
     for name, content in kept.items():
         if name != "last.pt":
