@@ -15,6 +15,7 @@ exists.
 import argparse
 import dataclasses
 import fcntl
+import io
 import itertools
 import json
 import math
@@ -333,12 +334,11 @@ def evaluate(model, loader, perm, device, dtype, world):
 
 @dataclass
 class Progress:
-    """Where the run is: epoch, steps done in it, one history line per epoch, the best val top-1,
-    and the running sums of the epoch under way."""
+    """Where the run is: epoch, steps done in it, one history line per epoch, and the running sums
+    of the epoch under way."""
     epoch: int = 0
     done_in_epoch: int = 0
     history: list = field(default_factory=list)
-    best: float = -1.0
     sums: dict = field(default_factory=dict)
 
     def add(self, **values):
@@ -488,106 +488,156 @@ def train(args):
                                "order_name": order_name, "steps_per_epoch": steps_per_epoch}, f,
                               indent=1)
 
-        def checkpoint(path):
-            if rank == 0:
-                data.atomic_save({**{k: obj.state_dict() for k, obj in state.items()}, **meta},
-                                 path)
-
         def current_order():
             return policy.mode() if policy is not None else start_perm
 
-        # ---- the loop
-        while progress.epoch < args.epochs:
-            t0 = time.time()
-            sampler.set_epoch(progress.epoch)
-            sampler.skip = progress.done_in_epoch * args.batch_size
-            loader.dataset.epoch = progress.epoch
-            bar = tqdm(loader, desc=f"epoch {progress.epoch}", total=steps_per_epoch,
-                       initial=progress.done_in_epoch, disable=rank != 0 or args.quiet, leave=False)
-            for x, y in bar:
-                step = progress.epoch * steps_per_epoch + progress.done_in_epoch
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                phase, tau = curriculum.phase(step)
+        def position(where):
+            return f"epoch {where[0]} after {where[1]} of {steps_per_epoch} steps"
 
-                # 1. the order: sampled from the policy while learning (rank 0's, on every rank),
-                #    else the fixed one; one for the batch, or one per image
-                if phase == "learn":
-                    perm, _ = policy.sample(1 if args.granularity == "batch" else len(y), tau,
-                                            policy_gen)
-                    if world > 1:
-                        dist.broadcast(perm, 0)
-                else:
-                    perm = current_order()[None]
+        def write_outputs(blob, order_now):
+            """best.pt (if this epoch is the best so far), metrics.jsonl, order.pt and order.png of
+            the epoch whose end the checkpoint `blob` holds."""
+            tops = [line["val_top1"] for line in progress.history]
+            if tops.index(max(tops)) == len(tops) - 1:
+                data.atomic_write(blob, os.path.join(out, "best.pt"))
+            with data.atomic_path(os.path.join(out, "metrics.jsonl")) as tmp, open(tmp, "w") as f:
+                f.writelines(json.dumps(line) + "\n" for line in progress.history)
+            data.save_order(os.path.join(out, "order.pt"), order_now, grid)
+            with data.atomic_path(os.path.join(out, "order.png")) as tmp:
+                draw_order(order_now.cpu(), grid, tmp)
 
-                # 2. the classifier's step on images read in that order
-                logits, per_image, loss_value = model_step(
-                    model, optimizer, scheduler, scaler, x, y, perm[0] if len(perm) == 1 else perm,
-                    dtype, args.clip)
-                if not math.isfinite(loss_value):
-                    raise UsageError(f"loss is {loss_value} at step {step} (epoch "
-                                     f"{progress.epoch}): stopped; {last} holds the last good "
-                                     f"state; lower --lr (then --resume), or try --amp bf16/off")
-                correct = logits.argmax(1) == y
+        # last.pt only ever holds a state that has given a finite loss: a checkpoint is held back,
+        # serialized, until the next step's loss is finite, and only then written ("committed")
+        saved = (progress.epoch, progress.done_in_epoch) if ckpt else None  # where last.pt is
+        pending = None  # (bytes, where, the order if at an epoch's end)
 
-                # 3. REINFORCE on the same forward pass (§5): reward, baseline, one policy step
-                if phase == "learn":
-                    reward = -per_image if args.reward == "xent" else correct.float() * 2 - 1
-                    mean_reward = reward.mean()
-                    if world > 1:
-                        dist.all_reduce(mean_reward)
-                        mean_reward /= world
-                    baseline = (ema(mean_reward.item()) if args.baseline == "ema"
-                                else reorder.loo_baseline(reward))
-                    log_prob = policy_update(policy, policy_opt, perm, tau, reward, baseline, world)
-                    progress.add(reward=mean_reward.item(), neg_logp=-log_prob.mean().item(),
-                                 policy_steps=1)
+        def commit():
+            """Write the pending checkpoint as last.pt, then, at an epoch's end, its outputs."""
+            nonlocal pending, saved
+            if pending:
+                blob, where, order_now = pending
+                if rank == 0:
+                    data.atomic_write(blob, last)
+                    if order_now is not None:
+                        write_outputs(blob, order_now)
+                pending, saved = None, where
 
-                # 4. bookkeeping, and a checkpoint every --save-every steps
-                progress.add(loss=loss_value * len(y), correct=correct.sum().item(), images=len(y),
-                             tau=tau, steps=1)
-                progress.done_in_epoch += 1
-                s = progress.sums
-                bar.set_postfix(
-                    loss=f"{loss_value:.3f}", acc=f"{100 * s['correct'] / s['images']:.1f}",
-                    tau=f"{tau:.3f}",
-                    reward=f"{s.get('reward', 0) / max(1, s.get('policy_steps', 0)):.3f}")
-                if args.save_every and progress.done_in_epoch % args.save_every == 0 \
-                        and progress.done_in_epoch < steps_per_epoch:
-                    checkpoint(last)
-            bar.close()
-
-            # ---- end of epoch: validate, log, save
-            order_now = current_order()
-            top1, top5 = evaluate(model, val_loader, order_now, device, dtype, world)
-            s, p_steps = progress.sums, progress.sums.get("policy_steps", 0)
-            progress.history.append({
-                "epoch": progress.epoch,
-                "phase": curriculum.phase(progress.epoch * steps_per_epoch)[0],
-                "train_loss": s["loss"] / s["images"],
-                "train_top1": 100 * s["correct"] / s["images"],
-                "val_top1": top1, "val_top5": top5, "lr": scheduler.get_last_lr()[0],
-                "tau": s["tau"] / s["steps"], "reward": s["reward"] / p_steps if p_steps else None,
-                # Monte Carlo, at the tau used
-                "entropy": s["neg_logp"] / p_steps if p_steps else None,
-                # mean number of slots a patch has moved since the start; argsort(perm) = its slot
-                "order_shift": (order_now.argsort() - start_perm.argsort()).abs().float().mean()
-                .item(),
-                "seconds": time.time() - t0})
-            progress.epoch, progress.done_in_epoch, progress.sums = progress.epoch + 1, 0, {}
-            is_best, progress.best = top1 > progress.best, max(progress.best, top1)
-            checkpoint(last)
+        def hold(order_now=None):
+            """Serialize the state now as the pending checkpoint. One still pending is committed
+            first: no step has changed the weights since it was taken."""
+            nonlocal pending
+            commit()
+            buffer = io.BytesIO()
             if rank == 0:
-                if is_best:
-                    checkpoint(os.path.join(out, "best.pt"))
-                metrics = os.path.join(out, "metrics.jsonl")
-                with data.atomic_path(metrics) as tmp, open(tmp, "w") as f:
-                    f.writelines(json.dumps(line) + "\n" for line in progress.history)
-                data.save_order(os.path.join(out, "order.pt"), order_now, grid)
-                draw_order(order_now.cpu(), grid, os.path.join(out, "order.png"))
-                h = progress.history[-1]
-                print(f"epoch {h['epoch']} {h['phase']}: train loss {h['train_loss']:.4f}, val "
-                      f"top-1 {top1:.2f} top-5 {top5:.2f}, tau {h['tau']:.3f}, order shift "
-                      f"{h['order_shift']:.2f}, {h['seconds']:.1f} s", flush=True)
+                torch.save({**{k: obj.state_dict() for k, obj in state.items()}, **meta}, buffer)
+            pending = buffer.getvalue(), (progress.epoch, progress.done_in_epoch), order_now
+
+        if ckpt and rank == 0 and progress.history and not progress.done_in_epoch:
+            with open(last, "rb") as f:  # a kill may have come between last.pt and the outputs
+                write_outputs(f.read(), current_order())
+        if progress.epoch >= args.epochs:
+            print(f"{out}: the run is complete ({args.epochs} epochs); its outputs match {last}")
+
+        # ---- the loop
+        try:
+            while progress.epoch < args.epochs:
+                t0 = time.time()
+                sampler.set_epoch(progress.epoch)
+                sampler.skip = progress.done_in_epoch * args.batch_size
+                loader.dataset.epoch = progress.epoch
+                bar = tqdm(loader, desc=f"epoch {progress.epoch}", total=steps_per_epoch,
+                           initial=progress.done_in_epoch, disable=rank != 0 or args.quiet,
+                           leave=False)
+                for x, y in bar:
+                    step = progress.epoch * steps_per_epoch + progress.done_in_epoch
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    phase, tau = curriculum.phase(step)
+
+                    # 1. the order: sampled from the policy while learning (rank 0's, on every
+                    #    rank), else the fixed one; one for the batch, or one per image
+                    if phase == "learn":
+                        perm, _ = policy.sample(1 if args.granularity == "batch" else len(y), tau,
+                                                policy_gen)
+                        if world > 1:
+                            dist.broadcast(perm, 0)
+                    else:
+                        perm = current_order()[None]
+
+                    # 2. the classifier's step on images read in that order
+                    logits, per_image, loss_value = model_step(
+                        model, optimizer, scheduler, scaler, x, y,
+                        perm[0] if len(perm) == 1 else perm, dtype, args.clip)
+                    if not math.isfinite(loss_value):  # the pending checkpoint gave it: dropped
+                        good = saved if saved != (progress.epoch, progress.done_in_epoch) else None
+                        raise UsageError(
+                            f"loss is {loss_value} at step {step} (epoch {progress.epoch}): "
+                            f"stopped; " + (f"{last} holds {position(good)}, the last state known "
+                                            f"to give a finite loss: --resume with a lower --lr "
+                                            f"(or --amp bf16/off)" if good else
+                                            "no checkpoint holds a state known to give a finite "
+                                            "loss: start again with a lower --lr in another --out"))
+                    commit()
+                    correct = logits.argmax(1) == y
+
+                    # 3. REINFORCE on the same forward pass (§5): reward, baseline, a policy step
+                    if phase == "learn":
+                        reward = -per_image if args.reward == "xent" else correct.float() * 2 - 1
+                        mean_reward = reward.mean()
+                        if world > 1:
+                            dist.all_reduce(mean_reward)
+                            mean_reward /= world
+                        baseline = (ema(mean_reward.item()) if args.baseline == "ema"
+                                    else reorder.loo_baseline(reward))
+                        log_prob = policy_update(policy, policy_opt, perm, tau, reward, baseline,
+                                                 world)
+                        progress.add(reward=mean_reward.item(), neg_logp=-log_prob.mean().item(),
+                                     policy_steps=1)
+
+                    # 4. bookkeeping, and a checkpoint every --save-every steps
+                    progress.add(loss=loss_value * len(y), correct=correct.sum().item(),
+                                 images=len(y), tau=tau, steps=1)
+                    progress.done_in_epoch += 1
+                    s = progress.sums
+                    bar.set_postfix(
+                        loss=f"{loss_value:.3f}", acc=f"{100 * s['correct'] / s['images']:.1f}",
+                        tau=f"{tau:.3f}",
+                        reward=f"{s.get('reward', 0) / max(1, s.get('policy_steps', 0)):.3f}")
+                    if args.save_every and progress.done_in_epoch % args.save_every == 0 \
+                            and progress.done_in_epoch < steps_per_epoch:
+                        hold()
+                bar.close()
+
+                # ---- end of epoch: validate, log, save
+                order_now = current_order()
+                top1, top5 = evaluate(model, val_loader, order_now, device, dtype, world)
+                s, p_steps = progress.sums, progress.sums.get("policy_steps", 0)
+                progress.history.append({
+                    "epoch": progress.epoch,
+                    "phase": curriculum.phase(progress.epoch * steps_per_epoch)[0],
+                    "train_loss": s["loss"] / s["images"],
+                    "train_top1": 100 * s["correct"] / s["images"],
+                    "val_top1": top1, "val_top5": top5, "lr": scheduler.get_last_lr()[0],
+                    "tau": s["tau"] / s["steps"],
+                    "reward": s["reward"] / p_steps if p_steps else None,
+                    # Monte Carlo, at the tau used
+                    "entropy": s["neg_logp"] / p_steps if p_steps else None,
+                    # mean number of slots a patch has moved since the start; argsort(perm) = slot
+                    "order_shift": (order_now.argsort() - start_perm.argsort()).abs().float()
+                    .mean().item(),
+                    "seconds": time.time() - t0})
+                progress.epoch, progress.done_in_epoch, progress.sums = progress.epoch + 1, 0, {}
+                hold(order_now)
+                if rank == 0:
+                    h = progress.history[-1]
+                    print(f"epoch {h['epoch']} {h['phase']}: train loss {h['train_loss']:.4f}, "
+                          f"val top-1 {top1:.2f} top-5 {top5:.2f}, tau {h['tau']:.3f}, order "
+                          f"shift {h['order_shift']:.2f}, {h['seconds']:.1f} s", flush=True)
+            commit()  # the last epoch's end: there is no later step to wait for
+        except KeyboardInterrupt:
+            commit()  # the last finished step's state, if still held back: whole, and cheap
+            raise KeyboardInterrupt(f"--resume continues from {position(saved)} ({last})" if saved
+                                    else "before the first checkpoint: nothing to resume; start "
+                                         "again in another --out") from None
 
         return {"out": out, "history": progress.history, "order": current_order().cpu(),
                 "policy_logits": policy.logits.detach().cpu() if policy is not None else None}
@@ -713,6 +763,9 @@ def main(argv=None):
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # Ctrl-C; train() says where --resume continues
+        print(f"train.py: interrupted{': ' if str(e) else ''}{e}", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -299,13 +300,95 @@ def test_a_folder_holding_any_run_output_is_refused_and_no_advice_loses_work(tmp
             assert open(os.path.join(out, name), "rb").read() == content, name
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    fails(capsys, [*TINY, "--out", str(tmp_path / "run"), "--epochs", "1", "--lr", "1e30",
-                   "--save-every", "1"],
-          "at step")
-    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert ckpt["progress"]["done_in_epoch"] >= 1
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+def test_nan_at_the_first_steps_says_that_there_is_nothing_to_resume(tmp_path, capsys):
+    err = fails(capsys, [*TINY, "--out", str(tmp_path / "run"), "--epochs", "1", "--lr", "1e30",
+                         "--save-every", "1"], "loss is nan at step 1 (epoch 0): stopped")
+    assert "--resume" not in err and "another --out" in err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_nan_stop_keeps_the_last_state_that_gave_a_finite_loss(tmp_path, capsys, monkeypatch):
+    real, steps = train.model_step, []
+
+    def ruinous(model, *args):  # the 5th step's update leaves weights that no forward survives
+        result = real(model, *args)
+        steps.append(1)
+        if len(steps) == 5:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1e30)
+        return result
+    monkeypatch.setattr(train, "model_step", ruinous)
+    argv = [*TINY, "--out", str(tmp_path / "run"), "--epochs", "1", "--save-every", "1"]
+    err = fails(capsys, argv, "loss is nan at step 5 (epoch 0): stopped")
+    assert "last.pt holds epoch 0 after 4 of 8 steps" in err and "--resume" in err
+    monkeypatch.undo()
+    train.main([*argv, "--resume"])  # from the state before the ruinous update: no NaN
+    assert len(metrics(tmp_path / "run")) == 1
+
+
+class Killed(BaseException):
+    """SIGKILL at a chosen write, in-process."""
+
+
+def kill_at_write(monkeypatch, out, name, epochs_done):
+    """Make the write of `name` that follows the end-of-epoch last.pt of `epochs_done` epochs die
+    as a kill there would."""
+    real, last = data.atomic_path, os.path.join(out, "last.pt")
+
+    @contextmanager
+    def dying(path):
+        if path.endswith(name) and os.path.exists(last):
+            done = torch.load(last, weights_only=True)["progress"]
+            if (done["epoch"], done["done_in_epoch"]) == (epochs_done, 0):
+                raise Killed
+        with real(path) as tmp:
+            yield tmp
+    monkeypatch.setattr(data, "atomic_path", dying)
+
+
+def without_seconds(lines):
+    return [{k: v for k, v in line.items() if k != "seconds"} for line in lines]
+
+
+@pytest.mark.parametrize("name", ["best.pt", "metrics.jsonl"])
+def test_a_kill_after_the_final_checkpoint_is_repaired_by_resume(tmp_path, monkeypatch, capsys,
+                                                                 name):
+    argv = ["--epochs", "3", "--lr", "3e-3", "--learn-order", "--policy-lr", "0.05"]
+    whole = run(tmp_path, *argv, name="whole")["out"]
+    tops = [line["val_top1"] for line in metrics(whole)]
+    assert tops[-1] > max(tops[:-1]), "the last epoch must be the best, for best.pt to change"
+    out = str(tmp_path / "killed")
+    kill_at_write(monkeypatch, out, name, epochs_done=3)
+    with pytest.raises(Killed):
+        run(tmp_path, *argv, name="killed")
+    monkeypatch.undo()
+    capsys.readouterr()
+    run(tmp_path, *argv, "--resume", name="killed")
+    assert "the run is complete" in capsys.readouterr().out
+    assert without_seconds(metrics(out)) == without_seconds(metrics(whole))
+    a, b = (torch.load(os.path.join(d, "best.pt"), weights_only=True) for d in (whole, out))
+    assert a["progress"]["epoch"] == b["progress"]["epoch"] == 3
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_in_one_line_where_resume_continues(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:  # interrupt after some checkpoints
+        if (out / "last.pt").exists():
+            if torch.load(out / "last.pt", weights_only=True)["progress"]["done_in_epoch"] >= 8:
+                proc.send_signal(signal.SIGINT)
+                break
+        time.sleep(0.05)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and err.count("\n") == 1, err
+    done = torch.load(out / "last.pt", weights_only=True)["progress"]
+    assert (f"train.py: interrupted: --resume continues from epoch {done['epoch']} after "
+            f"{done['done_in_epoch']} of 128 steps") in err
 
 
 # ---- the picture of the orders -------------------------------------------------------------------
