@@ -74,10 +74,14 @@ class Curriculum:
 LOCK = "train.lock"
 RUN_FILES = ("config.json", "prior.json", "metrics.jsonl", "last.pt", "best.pt", "order.pt",
              "order.png")
-RESUME_KEYS = ("data", "root", "subset", "img_size", "patch", "model", "dim", "depth", "heads",
-               "window", "order", "learn_order", "epochs", "batch_size", "warmup_epochs",
-               "policy_start", "policy_epochs", "tau_max", "reward", "baseline", "granularity",
-               "seed", "world")
+# A resumed run refuses a change to any of RESUME_KEYS (it would be another experiment). Flags of
+# RESUME_MAY_CHANGE (the knobs to get past a NaN, and where it runs) apply from the resume on, and
+# are recorded in metrics.jsonl; the rest (--workers, --save-every, --quiet) change no number.
+RESUME_KEYS = ("data", "root", "subset", "val_subset", "img_size", "patch", "model", "dim", "depth",
+               "heads", "window", "order", "prior_n", "learn_order", "epochs", "batch_size",
+               "warmup_epochs", "policy_start", "policy_epochs", "tau_max", "reward", "baseline",
+               "granularity", "seed", "world")
+RESUME_MAY_CHANGE = ("lr", "policy_lr", "weight_decay", "clip", "amp", "device", "compile")
 
 
 @contextmanager
@@ -334,12 +338,13 @@ def evaluate(model, loader, perm, device, dtype, world):
 
 @dataclass
 class Progress:
-    """Where the run is: epoch, steps done in it, one history line per epoch, and the running sums
-    of the epoch under way."""
+    """Where the run is: epoch, steps done in it, one history line per epoch, the running sums
+    of the epoch under way, and the flags a --resume changed in it ({flag: [before, after]})."""
     epoch: int = 0
     done_in_epoch: int = 0
     history: list = field(default_factory=list)
     sums: dict = field(default_factory=dict)
+    changed: dict = field(default_factory=dict)
 
     def add(self, **values):
         for k, v in values.items():
@@ -476,11 +481,25 @@ def train(args):
                  "rng": RandomStreams(device, policy_gen), "progress": progress}
         state = {name: obj for name, obj in state.items() if obj is not None}
         meta = {"start_perm": start_perm.cpu(), "order_name": order_name,
-                "config": {k: getattr(args, k) for k in RESUME_KEYS}}
+                "config": {k: getattr(args, k) for k in RESUME_KEYS + RESUME_MAY_CHANGE}}
         if ckpt:
             for name, obj in state.items():
                 obj.load_state_dict(ckpt[name])
-            scheduler.base_lrs = [args.lr]  # a lowered --lr takes effect on resume
+            # RESUME_MAY_CHANGE: --clip, --amp, --device, --compile are read from args; the rest:
+            scheduler.base_lrs = [args.lr]
+            for g in optimizer.param_groups:
+                g["lr"] = args.lr * lr_factor(scheduler.last_epoch, warmup, total)
+                g["weight_decay"] = args.weight_decay
+            for g in policy_opt.param_groups if policy_opt else ():
+                g["lr"] = args.policy_lr
+            before = ckpt["config"]
+            changed = {k: [before.get(k), getattr(args, k)] for k in RESUME_MAY_CHANGE
+                       if before.get(k) != getattr(args, k)}
+            progress.changed.update(changed)
+            if changed and rank == 0:
+                print("--resume with " + ", ".join(f"--{k.replace('_', '-')} {new} (was {old})"
+                                                   for k, (old, new) in changed.items())
+                      + ": applied from here on, and recorded in metrics.jsonl")
         else:
             if rank == 0:
                 with data.atomic_path(os.path.join(out, "config.json")) as tmp, open(tmp, "w") as f:
@@ -624,8 +643,9 @@ def train(args):
                     # mean number of slots a patch has moved since the start; argsort(perm) = slot
                     "order_shift": (order_now.argsort() - start_perm.argsort()).abs().float()
                     .mean().item(),
-                    "seconds": time.time() - t0})
-                progress.epoch, progress.done_in_epoch, progress.sums = progress.epoch + 1, 0, {}
+                    "changed": progress.changed, "seconds": time.time() - t0})
+                progress.epoch, progress.done_in_epoch = progress.epoch + 1, 0
+                progress.sums, progress.changed = {}, {}
                 hold(order_now)
                 if rank == 0:
                     h = progress.history[-1]

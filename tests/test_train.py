@@ -372,6 +372,23 @@ def test_a_kill_after_the_final_checkpoint_is_repaired_by_resume(tmp_path, monke
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+def test_resume_refuses_or_applies_and_records_changed_flags(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    argv = [*TINY, "--epochs", "2", "--learn-order", "--policy-lr", "0.05", "--out", out]
+    kill_at_write(monkeypatch, out, "metrics.jsonl", epochs_done=1)
+    with pytest.raises(Killed):
+        train.main(argv)
+    monkeypatch.undo()
+    fails(capsys, [*argv, "--resume", "--val-subset", "32"], "--val-subset 64 (now 32)")
+    train.main([*argv, "--resume", "--policy-lr", "0.01", "--weight-decay", "0.1"])
+    assert "--policy-lr 0.01 (was 0.05)" in capsys.readouterr().out
+    changed = [line["changed"] for line in metrics(out)]
+    assert changed == [{}, {"policy_lr": [0.05, 0.01], "weight_decay": [0.03, 0.1]}]
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert ckpt["policy_opt"]["param_groups"][0]["lr"] == 0.01
+    assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 0.1
+
+
 @pytest.mark.slow
 def test_ctrl_c_says_in_one_line_where_resume_continues(tmp_path):
     out = tmp_path / "run"
