@@ -183,7 +183,17 @@ class SafeImageFolder(Dataset):
 
 
 def collate_skipping_none(batch):
-    return torch.utils.data.default_collate([item for item in batch if item is not None])
+    """default_collate without the unreadable images; None if none of the batch is readable."""
+    items = [item for item in batch if item is not None]
+    return torch.utils.data.default_collate(items) if items else None
+
+
+def readable_items(dataset, indices=None):
+    """The items of `dataset` at `indices` (default: all) that are not unreadable images (None)."""
+    for i in range(len(dataset)) if indices is None else indices:
+        item = dataset[int(i)]
+        if item is not None:
+            yield item
 
 
 class Flipped(Dataset):

@@ -15,6 +15,7 @@ tokenizer (Chameleon's) are not available, so we rebuild the measurement from pa
     python prior.py --data fashion-mnist --n 1000 --img-size 32 --patch 4 --out prior.json
 """
 import argparse
+import itertools
 import json
 import lzma
 import math
@@ -170,13 +171,17 @@ def format_table(table: dict) -> str:
 
 
 def sample_images(dataset, n: int, seed: int) -> torch.Tensor:
-    """n images of a dataset of (image, label), drawn reproducibly, stacked [n, C, H, W]."""
+    """n images of a dataset of (image, label), drawn reproducibly, stacked [n, C, H, W];
+    unreadable images (None) are skipped."""
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
     if len(dataset) == 0:
         raise ValueError("the dataset is empty: point --root at a folder with images")
-    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
-    return torch.stack([dataset[int(i)][0] for i in idx])
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    images = [item[0] for item in itertools.islice(data.readable_items(dataset, idx), n)]
+    if not images:
+        raise ValueError("no readable image in the dataset: every one failed to load")
+    return torch.stack(images)
 
 
 def main(argv=None):

@@ -178,11 +178,15 @@ def check_inputs(args, world, out):
     if classes[0] != classes[1]:
         raise UsageError(f"train/ and val/ hold different class folders under {args.root}: "
                          f"make them match")
-    first = next(item for item in (train_set.dataset[i] for i in range(len(train_set))) if item)
+    firsts = [next(data.readable_items(dataset), None) for dataset in (train_set, val_set)]
+    for split, first in zip(("train", "val"), firsts):
+        if first is None:
+            raise UsageError(f"no readable image in the {split} split of --data {args.data} "
+                             f"(each one is named above)")
     sizes = {k: getattr(args, k) for k in ("dim", "depth", "heads") if getattr(args, k) is not None}
     with as_usage_errors():  # reorder.py's own checks (window, width vs heads, ...)
         cfg = reorder.vit_config(args.model, img_size=args.img_size, patch_size=args.patch,
-                                 in_chans=first[0].shape[0],
+                                 in_chans=firsts[0][0].shape[0],
                                  num_classes=data.num_classes_of(train_set),
                                  window=args.window, **sizes)
         model = reorder.ViT(cfg)
@@ -320,6 +324,8 @@ def evaluate(model, loader, perm, device, dtype, world):
     totals = torch.zeros(3, device=device)  # top-1 correct, top-5 correct, images
     with torch.no_grad():
         for batch in loader:
+            if batch is None:  # every image of it was unreadable (each one warned)
+                continue
             x, y = (t.to(device, non_blocking=True) for t in batch)
             with autocast(device, dtype):
                 logits = model(x, perm)
@@ -567,9 +573,12 @@ def train(args):
                 bar = tqdm(loader, desc=f"epoch {progress.epoch}", total=steps_per_epoch,
                            initial=progress.done_in_epoch, disable=rank != 0 or args.quiet,
                            leave=False)
-                for x, y in bar:
+                for batch in bar:
                     step = progress.epoch * steps_per_epoch + progress.done_in_epoch
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    if batch is None:  # every image of it was unreadable (each one warned)
+                        progress.done_in_epoch += 1
+                        continue
+                    x, y = (t.to(device, non_blocking=True) for t in batch)
                     phase, tau = curriculum.phase(step)
 
                     # 1. the order: sampled from the policy while learning (rank 0's, on every
