@@ -127,7 +127,7 @@ def lock_run_folder(out, take):
     return f
 
 
-def check_inputs(args, world, out):
+def check_inputs(args, rank, world, out):
     """(checkpoint or None, train set, val set, model): every flag, the run folder, the data and
     the model's configuration checked, so that bad input is one line and nothing is written."""
     data.check_ranges(args, at_least={"epochs": 1, "batch_size": 1, "prior_n": 1, "subset": 1,
@@ -147,7 +147,8 @@ def check_inputs(args, world, out):
             raise UsageError("--baseline loo needs --batch-size 2 or more: it compares each image "
                              "with the others of its batch")
     data.check_writable(out)
-    lock_run_folder(out, take=False)
+    if rank == 0:  # the rank that takes the lock (its own would block the others)
+        lock_run_folder(out, take=False)
     last = os.path.join(out, "last.pt")
     ckpt = None
     if args.resume:
@@ -442,7 +443,7 @@ def train(args):
     out = args.out or os.path.join("runs", f"{args.data}-{args.order.replace(os.sep, '_')}"
                                            f"{'-learn' if args.learn_order else ''}-s{args.seed}")
     last = os.path.join(out, "last.pt")
-    ckpt, train_set, val_set, raw_model = check_inputs(args, world, out)
+    ckpt, train_set, val_set, raw_model = check_inputs(args, rank, world, out)
     raw_model, grid = raw_model.to(device), raw_model.grid
     if ckpt:
         start_perm, order_name, prior_table = ckpt["start_perm"], ckpt["order_name"], None
