@@ -640,11 +640,15 @@ def train(args):
                 order_now = current_order()
                 top1, top5 = evaluate(model, val_loader, order_now, device, dtype, world)
                 s, p_steps = progress.sums, progress.sums.get("policy_steps", 0)
+                totals = torch.tensor([s["loss"], s["correct"], s["images"]], dtype=torch.float64,
+                                      device=device)
+                if world > 1:  # train loss and top-1 over every rank's images, not rank 0's
+                    dist.all_reduce(totals)
+                loss_sum, correct, images = totals.tolist()
                 progress.history.append({
                     "epoch": progress.epoch,
                     "phase": curriculum.phase(progress.epoch * steps_per_epoch)[0],
-                    "train_loss": s["loss"] / s["images"],
-                    "train_top1": 100 * s["correct"] / s["images"],
+                    "train_loss": loss_sum / images, "train_top1": 100 * correct / images,
                     "val_top1": top1, "val_top5": top5, "lr": scheduler.get_last_lr()[0],
                     "tau": s["tau"] / s["steps"],
                     "reward": s["reward"] / p_steps if p_steps else None,

@@ -144,7 +144,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ddp_ranks_end_with_identical_policy_logits(tmp_path):
+def test_two_ddp_ranks_agree_on_the_policy_and_on_the_logged_train_metrics(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(
         "import os, sys, torch\n"
@@ -152,7 +152,8 @@ def test_two_ddp_ranks_end_with_identical_policy_logits(tmp_path):
         "import train\n"
         "summary = train.main(sys.argv[1:])\n"
         "rank = os.environ['RANK']\n"
-        "torch.save(summary['policy_logits'], os.path.join(summary['out'], f'rank{rank}.pt'))\n")
+        "torch.save({'logits': summary['policy_logits'], 'history': summary['history']},\n"
+        "           os.path.join(summary['out'], f'rank{rank}.pt'))\n")
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(script), *TINY, "--epochs", "3", "--learn-order", "--policy-lr", "0.05",
@@ -160,9 +161,12 @@ def test_two_ddp_ranks_end_with_identical_policy_logits(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    logits = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    logits = [r["logits"] for r in ranks]
     start = reorder.PlackettLuce.from_order(reorder.order("row", 4, 4)).logits.detach()
     assert torch.equal(logits[0], logits[1])
+    for name in ("train_loss", "train_top1"):  # over both ranks' images, not rank 0's alone
+        assert [h[name] for h in ranks[0]["history"]] == [h[name] for h in ranks[1]["history"]]
     assert not torch.allclose(logits[0], start)  # the all-reduced policy gradients did move it
     assert [m["phase"] for m in metrics(out)] == ["fixed", "learn", "finetune"]
 
