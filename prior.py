@@ -157,9 +157,12 @@ def compressibility(images: torch.Tensor, patch_size: int, orders=None, codebook
     return {"grid": [h, w], "images": len(codes), "codebook": len(centres), "orders": rows}
 
 
-def pick(table: dict) -> str:
-    """The ordering to start the policy from: the least compressible (the paper's introduction)."""
-    return max(table["orders"], key=lambda name: table["orders"][name]["rank"])
+def pick(table: dict):
+    """The ordering to start the policy from: the least compressible (the paper's introduction);
+    None in a tie for it (constant images, --codebook 1), where the prior prefers none."""
+    scores = {name: row["score"] for name, row in table["orders"].items()}
+    least = [name for name, score in scores.items() if score == min(scores.values())]
+    return least[0] if len(least) == 1 else None
 
 
 def format_table(table: dict) -> str:
@@ -218,7 +221,9 @@ def main(argv=None):
                                 args.workers)
         seconds = time.perf_counter() - start
         print(format_table(table))
-        print(f"start the policy from: {pick(table)} (the least compressible ordering)")
+        print(f"start the policy from: {pick(table)} (the least compressible ordering)"
+              if pick(table) else "a tie: no one ordering is the least compressible, so the "
+                                  "prior picks none")
         print(f"{table['images']} images x {len(orders)} orderings x 2 streams in {seconds:.1f} s "
               f"({table['images'] / seconds:.0f} images/s, {args.workers} workers)")
         table.update(pick=pick(table), config=vars(args))

@@ -208,9 +208,13 @@ def initial_order(args, grid, train_set, rank, world):
         table = prior.compressibility(images, args.patch, seed=args.seed, progress=not args.quiet)
         print(prior.format_table(table))
         pick[0] = prior.pick(table)
-        print(f"--order prior: starting from {pick[0]}, the least compressible ordering")
     if world > 1:
         dist.broadcast_object_list(pick, src=0)
+    if pick[0] is None:
+        raise UsageError("--order prior: a tie, no one ordering is the least compressible on "
+                         "these images, so the prior picks none: give --order yourself")
+    if rank == 0:
+        print(f"--order prior: starting from {pick[0]}, the least compressible ordering")
     return reorder.order(pick[0], *grid), f"prior:{pick[0]}", table
 
 
