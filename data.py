@@ -420,4 +420,5 @@ def load_order(path, n):
         perm = obj["perm"] if isinstance(obj, dict) else obj
         return reorder.check_perm(perm.long(), n)
     except Exception as e:
-        raise UsageError(f"order file {path} is not an order of {n} patches ({e})") from None
+        raise UsageError(f"order file {path} is not an order of {n} patches ({one_line(e)})") \
+            from None

@@ -15,6 +15,7 @@ exists.
 import argparse
 import dataclasses
 import fcntl
+import functools
 import io
 import itertools
 import json
@@ -85,12 +86,14 @@ RESUME_MAY_CHANGE = ("lr", "policy_lr", "weight_decay", "clip", "amp", "device",
 
 
 @contextmanager
-def as_usage_errors():
-    """Report reorder.py's ValueErrors (bad sizes, names) as usage errors: one line, exit 2."""
+def as_usage_errors(template="{}", errors=(ValueError,)):
+    """Report `errors` as usage errors, one line, exit 2: by default reorder.py's ValueErrors (bad
+    sizes, names) as they are; with a template, as template.format(the error on one line)."""
     try:
         yield
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    except errors as e:
+        raise UsageError(template.format(str(e) if template == "{}" else data.one_line(e))) \
+            from None
 
 
 def load_checkpoint(path):
@@ -449,8 +452,15 @@ def train(args):
     last = os.path.join(out, "last.pt")
     ckpt, train_set, val_set, raw_model = check_inputs(args, rank, world, out)
     raw_model, grid = raw_model.to(device), raw_model.grid
+    # a hand-edited checkpoint: a key missing, a shape changed (read here and where it is loaded)
+    ckpt_errors = functools.partial(
+        as_usage_errors, f"checkpoint {last} does not fit this run ({{}}): it cannot be resumed; "
+                         f"train into another --out",
+        (KeyError, TypeError, ValueError, RuntimeError, IndexError))
     if ckpt:
-        start_perm, order_name, prior_table = ckpt["start_perm"], ckpt["order_name"], None
+        with ckpt_errors():
+            start_perm = reorder.check_perm(ckpt["start_perm"], grid[0] * grid[1])
+            order_name, prior_table = ckpt["order_name"], None
     else:
         start_perm, order_name, prior_table = initial_order(args, grid, train_set, rank, world)
     start_perm = start_perm.to(device)
@@ -494,8 +504,9 @@ def train(args):
         meta = {"start_perm": start_perm.cpu(), "order_name": order_name,
                 "config": {k: getattr(args, k) for k in RESUME_KEYS + RESUME_MAY_CHANGE}}
         if ckpt:
-            for name, obj in state.items():
-                obj.load_state_dict(ckpt[name])
+            with ckpt_errors():
+                for name, obj in state.items():
+                    obj.load_state_dict(ckpt[name])
             # RESUME_MAY_CHANGE: --clip, --amp, --device, --compile are read from args; the rest:
             scheduler.base_lrs = [args.lr]
             for g in optimizer.param_groups:

@@ -299,6 +299,30 @@ def test_corrupt_mismatched_and_existing_checkpoints(tmp_path, capsys):
     assert (tmp_path / "good" / "last.pt").read_bytes() == before
 
 
+@pytest.mark.parametrize("edit", ["no scheduler", "no start_perm", "pos_embed's shape"])
+def test_a_hand_edited_checkpoint_is_one_line(tmp_path, capsys, edit):
+    out = run(tmp_path, "--epochs", "2", "--save-every", "2")["out"]
+    last = os.path.join(out, "last.pt")
+    ckpt = torch.load(last, weights_only=True)
+    if edit.startswith("no "):
+        del ckpt[edit[3:]]
+    else:
+        ckpt["model"]["pos_embed"] = torch.zeros(1, 3, 32)
+    torch.save(ckpt, last)
+    before = open(last, "rb").read()
+    fails(capsys, [*TINY, "--epochs", "2", "--save-every", "2", "--out", out, "--resume"],
+          "does not fit this run")
+    assert open(last, "rb").read() == before
+
+
+def test_a_corrupt_order_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "order.pt"
+    torch.save({"perm": np.arange(16)}, path)  # weights_only refuses numpy, in many lines
+    fails(capsys, [*TINY, "--order", str(path), "--out", str(tmp_path / "run")],
+          f"order file {path} is not an order of 16 patches")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_folder_holding_any_run_output_is_refused_and_no_advice_loses_work(tmp_path, capsys):
     out = run(tmp_path, "--epochs", "1")["out"]
     kept = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
