@@ -87,7 +87,7 @@ def atomic_path(path):
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
-        raise UsageError(f"cannot write {path} ({one_line(e)}); the file there is kept") from None
+        raise UsageError(f"cannot write {path} ({one_line(e)}); the file is as it was") from None
     finally:
         with suppress(FileNotFoundError):  # renamed already, unless the block failed
             os.remove(tmp)

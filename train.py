@@ -23,7 +23,7 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 
 import torch
@@ -466,6 +466,7 @@ def train(args):
     start_perm = start_perm.to(device)
     lock = None
     if rank == 0:  # all input checked: from here on the run writes into `out`
+        created = not os.path.isdir(out)
         os.makedirs(out, exist_ok=True)
         lock = lock_run_folder(out, take=True)
         data.remove_temporary_files(out)  # of writes killed mid-way; no one else writes here now
@@ -695,6 +696,9 @@ def train(args):
         if lock:
             os.remove(lock.name)
             lock.close()
+            if created:  # a run that could write nothing (a full disk) leaves no empty folder
+                with suppress(OSError):  # not empty
+                    os.rmdir(out)
 
 
 def lr_factor(step, warmup_steps, total_steps):

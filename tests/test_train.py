@@ -183,6 +183,22 @@ def test_two_ddp_ranks_agree_on_the_policy_and_on_the_logged_train_metrics(tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("limit,file,left", [(100, "config.json", None),
+                                             (20000, "last.pt", ["config.json"])])
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, limit, file, left):
+    import resource
+
+    def disk_full_at_limit():  # writes beyond `limit` bytes fail as on a full disk (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    out = tmp_path / "run"
+    done = subprocess.run(train_cmd(out), capture_output=True, text=True, timeout=300,
+                          preexec_fn=disk_full_at_limit)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert f"cannot write {out / file} (OSError: [Errno 27] File too large)" in done.stderr
+    assert (sorted(os.listdir(out)) if out.exists() else None) == left  # no empty folder
+
+
+@pytest.mark.slow
 def test_a_busy_run_folder_is_refused_with_its_pid_and_a_killed_runs_lock_is_not(tmp_path, capsys):
     script = tmp_path / "slow_run.py"
     script.write_text(
