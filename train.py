@@ -86,14 +86,13 @@ RESUME_MAY_CHANGE = ("lr", "policy_lr", "weight_decay", "clip", "amp", "device",
 
 
 @contextmanager
-def as_usage_errors(template="{}", errors=(ValueError,)):
-    """Report `errors` as usage errors, one line, exit 2: by default reorder.py's ValueErrors (bad
-    sizes, names) as they are; with a template, as template.format(the error on one line)."""
+def as_usage_errors(template=None, errors=(ValueError,)):
+    """Report `errors` as usage errors, one line, exit 2: reorder.py's ValueErrors (bad sizes,
+    names) as they are, or template.format(the error on one line)."""
     try:
         yield
     except errors as e:
-        raise UsageError(template.format(str(e) if template == "{}" else data.one_line(e))) \
-            from None
+        raise UsageError(template.format(data.one_line(e)) if template else str(e)) from None
 
 
 def load_checkpoint(path):
