@@ -8,12 +8,14 @@ UsageError, which both command lines print as one line with exit status 2.
 import argparse
 import gzip
 import hashlib
+import io
 import os
 import pickle
+import re
 import shutil
 import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import numpy as np
 import torch
@@ -42,17 +44,75 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def one_line(e):
+    """An exception as "Type: message" on one line, shortened, for the one-line errors."""
+    text = " ".join(str(e).split())
+    text = text if len(text) <= 160 else text[:157] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def check_ranges(args, at_least=None, above_zero=()):
+    """A UsageError naming the first flag out of range: `at_least` maps flag names to their
+    minimum, `above_zero` names flags that must be > 0. A flag left at None is not checked."""
+    for name, low in (at_least or {}).items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    for name in above_zero:
+        value = getattr(args, name)
+        if value is not None and not value > 0:  # NaN too
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+
+
+def check_writable(folder):
+    """A UsageError unless files can be made in `folder`, or, while it does not exist, in the
+    nearest folder above it (where it will be made). Tried with a nameless file: nothing is left."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"cannot write into {folder}: {existing} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise UsageError(f"cannot write into {folder} ({one_line(e)})") from None
+
+
 @contextmanager
 def atomic_path(path):
-    """A temporary path beside `path`, renamed onto it when the block ends: never a torn file."""
+    """A temporary path beside `path`, renamed onto it when the block ends: never a torn file. If
+    the block fails (a full disk, say), the temporary file is removed and `path` is kept as it was;
+    an OSError becomes one line."""
     tmp = f"{path}.tmp{os.getpid()}"
-    yield tmp
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UsageError(f"cannot write {path} ({one_line(e)}); the file is as it was") from None
+    finally:
+        with suppress(FileNotFoundError):  # renamed already, unless the block failed
+            os.remove(tmp)
+
+
+def remove_temporary_files(folder):
+    """Remove what atomic_path leaves behind when its process is killed mid-write (*.tmp<pid>);
+    only while no other process writes into `folder`."""
+    for name in os.listdir(folder):
+        if re.fullmatch(r".+\.tmp\d+", name):
+            os.remove(os.path.join(folder, name))
+
+
+def atomic_write(blob, path):
+    """Write bytes to `path` through atomic_path."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(blob)
 
 
 def atomic_save(obj, path):
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save through atomic_path (serialized first, so that a failed write is an OSError)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(buffer.getvalue(), path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,7 +184,17 @@ class SafeImageFolder(Dataset):
 
 
 def collate_skipping_none(batch):
-    return torch.utils.data.default_collate([item for item in batch if item is not None])
+    """default_collate without the unreadable images; None if none of the batch is readable."""
+    items = [item for item in batch if item is not None]
+    return torch.utils.data.default_collate(items) if items else None
+
+
+def readable_items(dataset, indices=None):
+    """The items of `dataset` at `indices` (default: all) that are not unreadable images (None)."""
+    for i in range(len(dataset)) if indices is None else indices:
+        item = dataset[int(i)]
+        if item is not None:
+            yield item
 
 
 class Flipped(Dataset):
@@ -157,8 +227,7 @@ def download(dataset_class, folder, what, advice):
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(folder, name))
     except Exception as e:  # offline, no write access, a broken mirror: one line, no debris
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
-        raise UsageError(f"{what} is not in {folder} and could not be downloaded ({reason}): "
+        raise UsageError(f"{what} is not in {folder} and could not be downloaded ({one_line(e)}): "
                          f"{advice}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -370,4 +439,5 @@ def load_order(path, n):
         perm = obj["perm"] if isinstance(obj, dict) else obj
         return reorder.check_perm(perm.long(), n)
     except Exception as e:
-        raise UsageError(f"order file {path} is not an order of {n} patches ({e})") from None
+        raise UsageError(f"order file {path} is not an order of {n} patches ({one_line(e)})") \
+            from None

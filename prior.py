@@ -15,6 +15,7 @@ tokenizer (Chameleon's) are not available, so we rebuild the measurement from pa
     python prior.py --data fashion-mnist --n 1000 --img-size 32 --patch 4 --out prior.json
 """
 import argparse
+import itertools
 import json
 import lzma
 import math
@@ -156,9 +157,12 @@ def compressibility(images: torch.Tensor, patch_size: int, orders=None, codebook
     return {"grid": [h, w], "images": len(codes), "codebook": len(centres), "orders": rows}
 
 
-def pick(table: dict) -> str:
-    """The ordering to start the policy from: the least compressible (the paper's introduction)."""
-    return max(table["orders"], key=lambda name: table["orders"][name]["rank"])
+def pick(table: dict):
+    """The ordering to start the policy from: the least compressible (the paper's introduction);
+    None in a tie for it (constant images, --codebook 1), where the prior prefers none."""
+    scores = {name: row["score"] for name, row in table["orders"].items()}
+    least = [name for name, score in scores.items() if score == min(scores.values())]
+    return least[0] if len(least) == 1 else None
 
 
 def format_table(table: dict) -> str:
@@ -170,13 +174,17 @@ def format_table(table: dict) -> str:
 
 
 def sample_images(dataset, n: int, seed: int) -> torch.Tensor:
-    """n images of a dataset of (image, label), drawn reproducibly, stacked [n, C, H, W]."""
+    """n images of a dataset of (image, label), drawn reproducibly, stacked [n, C, H, W];
+    unreadable images (None) are skipped."""
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
     if len(dataset) == 0:
         raise ValueError("the dataset is empty: point --root at a folder with images")
-    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
-    return torch.stack([dataset[int(i)][0] for i in idx])
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    images = [item[0] for item in itertools.islice(data.readable_items(dataset, idx), n)]
+    if not images:
+        raise ValueError("no readable image in the dataset: every one failed to load")
+    return torch.stack(images)
 
 
 def main(argv=None):
@@ -194,11 +202,14 @@ def main(argv=None):
                     help="processes (default: all cores)")
     ap.add_argument("--order-file", action="append", default=[],
                     help="also score a saved order (repeatable)")
-    ap.add_argument("--out", default="prior.json")
+    ap.add_argument("--out", default="prior.json", help="the table as JSON (its folder is made)")
     args = ap.parse_args(argv)
 
-    try:
-        h, w = reorder.grid_size(args.img_size, args.patch)  # before loading any data
+    try:  # every check before loading any data
+        data.check_ranges(args, at_least={"n": 1, "codebook": 1, "workers": 1})
+        h, w = reorder.grid_size(args.img_size, args.patch)
+        folder = os.path.dirname(args.out) or "."
+        data.check_writable(folder)
         dataset = data.build_dataset(args.data, args.root, "train", args.img_size,
                                      patch=args.patch)
         images = sample_images(dataset, args.n, args.seed)
@@ -207,18 +218,21 @@ def main(argv=None):
             orders[os.path.basename(path)] = data.load_order(path, h * w)
         start = time.perf_counter()
         table = compressibility(images, args.patch, orders, args.codebook, args.seed, args.preset,
-                                max(1, args.workers))
+                                args.workers)
+        seconds = time.perf_counter() - start
+        print(format_table(table))
+        print(f"start the policy from: {pick(table)} (the least compressible ordering)"
+              if pick(table) else "a tie: no one ordering is the least compressible, so the "
+                                  "prior picks none")
+        print(f"{table['images']} images x {len(orders)} orderings x 2 streams in {seconds:.1f} s "
+              f"({table['images'] / seconds:.0f} images/s, {args.workers} workers)")
+        table.update(pick=pick(table), config=vars(args))
+        os.makedirs(folder, exist_ok=True)
+        with data.atomic_path(args.out) as tmp, open(tmp, "w") as f:
+            json.dump(table, f, indent=1, sort_keys=True)
     except (ValueError, FileNotFoundError) as e:
         print(f"prior.py: error: {e}", file=sys.stderr)
         return 2
-    seconds = time.perf_counter() - start
-    print(format_table(table))
-    print(f"start the policy from: {pick(table)} (the least compressible ordering)")
-    print(f"{table['images']} images x {len(orders)} orderings x 2 streams in {seconds:.1f} s "
-          f"({table['images'] / seconds:.0f} images/s, {max(1, args.workers)} workers)")
-    table.update(pick=pick(table), config=vars(args))
-    with open(args.out, "w") as f:
-        json.dump(table, f, indent=1, sort_keys=True)
     return 0
 
 

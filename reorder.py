@@ -98,7 +98,9 @@ def order(name: str, h: int, w: int, seed: int = 0) -> torch.Tensor:
     sequences: row 0 1 2 3 ..., column 0 4 8 12 1 ..., hilbert 0 4 5 1 2 3 7 6 ..., spiral 0 1 2 3 7
     11 15 ..., diagonal 12 8 13 4 9 14 0 ..., snake 0 1 4 8 5 2 3 6 ...
     """
-    if not (isinstance(h, int) and isinstance(w, int) and h >= 1 and w >= 1):
+    if not (isinstance(h, int) and isinstance(w, int)):
+        raise ValueError(f"grid sizes must be integers, got {h!r} x {w!r}")
+    if h < 1 or w < 1:
         raise ValueError(f"grid must be at least 1 x 1 patches, got {h} x {w}")
     ids = torch.arange(h * w)
     r, c = ids // w, ids % w
@@ -128,10 +130,14 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return images.reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p)
 
 
-def check_perm(perm: torch.Tensor, n: int) -> torch.Tensor:
-    """`perm` if it is a permutation of 0..n-1 (shape [n] or [B, n]), else a one-line ValueError."""
-    if perm.dtype != torch.long or perm.shape[-1:] != (n,) or perm.dim() not in (1, 2):
-        raise ValueError(f"an order must be a LongTensor of shape [{n}] or [B, {n}], "
+def check_perm(perm: torch.Tensor, n: int, batch: Optional[int] = None) -> torch.Tensor:
+    """`perm` if each of its rows is a permutation of 0..n-1, shape [..., n]; for a batch of
+    `batch` images, [n] (one order for all) or [batch, n] (one per image). Else a one-line
+    ValueError. Costs one sort: nothing beside a forward pass."""
+    shape = f"[{n}] or [{batch}, {n}]" if batch is not None else f"[..., {n}]"
+    if (perm.dtype != torch.long or perm.dim() < 1 or perm.shape[-1] != n
+            or (batch is not None and perm.shape not in ((n,), (batch, n)))):
+        raise ValueError(f"an order must be a LongTensor of shape {shape}, "
                          f"got {perm.dtype} {tuple(perm.shape)}")
     if not torch.equal(perm.sort(-1).values, torch.arange(n, device=perm.device).expand_as(perm)):
         raise ValueError(f"the order is not a permutation of 0..{n - 1}")
@@ -163,6 +169,7 @@ class PlackettLuce(nn.Module):
     def from_order(cls, perm: torch.Tensor) -> "PlackettLuce":
         """Policy whose mode is `perm`: s[perm[k]] = -k / (N - 1), a ramp in slot order."""
         n = perm.numel()
+        check_perm(perm, n)
         policy = cls(n)
         with torch.no_grad():
             policy.logits[perm] = -torch.arange(n, dtype=torch.float32) / max(n - 1, 1)
@@ -170,7 +177,9 @@ class PlackettLuce(nn.Module):
 
     def log_prob(self, perm: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
         """log p(perm) under logits / tau: perm [N] -> [], [B, N] -> [B] (float32, any logits)."""
-        s = self.logits.float()[perm] / tau
+        if not tau > 0:  # at tau = 0 the scores would be NaN
+            raise ValueError(f"tau must be > 0, got {tau} (sample() gives the mode at tau <= 0)")
+        s = self.logits.float()[check_perm(perm, self.logits.numel())] / tau
         # log Σ_{j≥k} exp(s_σj): a cumulative logsumexp over the sequence read backwards
         tail = torch.logcumsumexp(s.flip(-1), dim=-1).flip(-1)
         return (s - tail).sum(-1)
@@ -543,7 +552,7 @@ class ViT(nn.Module):
                              f"got {C}x{H}x{W}")
         x = self.patch_embed(patchify(images, p)) + self.pos_embed  # [B, N, D]
         if perm is not None:
-            x = permute(x, perm)
+            x = permute(x, check_perm(perm, self.num_patches, batch=len(images)))
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([x, cls] if self.cls_last else [cls, x], dim=1)  # [B, 1+N, D]
         for block in self.blocks:

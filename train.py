@@ -14,13 +14,16 @@ exists.
 """
 import argparse
 import dataclasses
+import fcntl
+import functools
+import io
 import itertools
 import json
 import math
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 
 import torch
@@ -71,46 +74,92 @@ class Curriculum:
 # Input: every check runs before anything is written
 # --------------------------------------------------------------------------------------------------
 
-RESUME_KEYS = ("data", "root", "subset", "img_size", "patch", "model", "dim", "depth", "heads",
-               "mixer", "window", "order", "learn_order", "epochs", "batch_size", "warmup_epochs",
-               "policy_start", "policy_epochs", "tau_max", "fixed_tau", "orders_per_step",
-               "reward", "baseline", "granularity", "seed", "world")
+LOCK = "train.lock"
+RUN_FILES = ("config.json", "prior.json", "metrics.jsonl", "last.pt", "best.pt", "order.pt",
+             "order.png")
+# A resumed run refuses a change to any of RESUME_KEYS (it would be another experiment). Flags of
+# RESUME_MAY_CHANGE (the knobs to get past a NaN, and where it runs) apply from the resume on, and
+# are recorded in metrics.jsonl; the rest (--workers, --save-every, --quiet) change no number.
+RESUME_KEYS = ("data", "root", "subset", "val_subset", "img_size", "patch", "model", "dim", "depth",
+               "heads", "mixer", "window", "order", "prior_n", "learn_order", "epochs",
+               "batch_size", "warmup_epochs", "policy_start", "policy_epochs", "tau_max",
+               "fixed_tau", "orders_per_step", "reward", "baseline", "granularity", "seed", "world")
+RESUME_MAY_CHANGE = ("lr", "policy_lr", "weight_decay", "clip", "amp", "device", "compile")
 
 
 @contextmanager
-def as_usage_errors():
-    """Report reorder.py's ValueErrors (bad sizes, names) as usage errors: one line, exit 2."""
+def as_usage_errors(template=None, errors=(ValueError,)):
+    """Report `errors` as usage errors, one line, exit 2: reorder.py's ValueErrors (bad sizes,
+    names) as they are, or template.format(the error on one line)."""
     try:
         yield
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    except errors as e:
+        raise UsageError(template.format(data.one_line(e)) if template else str(e)) from None
 
 
 def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UsageError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}): "
-                         f"delete it, or choose another --out") from None
+        raise UsageError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}): it "
+                         f"cannot be resumed; train into another --out") from None
 
 
-def check_inputs(args, world, last):
+def lock_run_folder(out, take):
+    """The run folder's lock: a file holding the pid of the run that writes there, locked with
+    fcntl.flock. The kernel releases the lock when that process ends, even by SIGKILL, so a killed
+    run's lock file never blocks --resume. A second run gets one line naming the first's pid.
+    take=False only checks, creating nothing; take=True returns the lock file, held until closed."""
+    try:
+        f = open(os.path.join(out, LOCK), "a+" if take else "r")
+    except FileNotFoundError:  # nothing to check
+        return None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise UsageError(f"{out} is in use by process {pid}, a run writing there: wait for it to "
+                         f"end, or choose another --out") from None
+    if not take:
+        f.close()
+        return None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def check_inputs(args, rank, world, out):
     """(checkpoint or None, train set, val set, model): every flag, the run folder, the data and
     the model's configuration checked, so that bad input is one line and nothing is written."""
+    data.check_ranges(args, at_least={"epochs": 1, "batch_size": 1, "prior_n": 1, "subset": 1,
+                                      "val_subset": 1, "dim": 1, "depth": 1, "heads": 1,
+                                      "policy_epochs": 1, "policy_start": 0, "warmup_epochs": 0,
+                                      "workers": 0, "save_every": 0, "orders_per_step": 1,
+                                      "fixed_tau": 0},
+                      above_zero=("lr", "policy_lr", "clip", "tau_max"))  # clip < 0 flips grads
     with as_usage_errors():
         reorder.grid_size(args.img_size, args.patch)
     if args.learn_order:
         if args.policy_start + args.policy_epochs > args.epochs:
             raise UsageError(f"--policy-start {args.policy_start} + --policy-epochs "
                              f"{args.policy_epochs} exceeds --epochs {args.epochs}")
-        if args.orders_per_step < 1:
-            raise UsageError(f"--orders-per-step must be at least 1, got {args.orders_per_step}")
         if args.orders_per_step > 1 and args.baseline == "ema":
             raise UsageError("--baseline ema is the estimator of --orders-per-step 1; with more "
                              "orders the baseline is leave-one-out over them")
-        if args.orders_per_step == 1 and args.baseline == "loo" and args.granularity != "image":
-            raise UsageError("--baseline loo with --orders-per-step 1 needs --granularity image "
-                             "(one order per image)")
+        if args.orders_per_step == 1 and args.baseline == "loo":
+            if args.granularity != "image":
+                raise UsageError("--baseline loo with --orders-per-step 1 needs --granularity "
+                                 "image (one order per image)")
+            if args.batch_size < 2:
+                raise UsageError("--baseline loo needs --batch-size 2 or more: it compares each "
+                                 "image with the others of its batch")
+    data.check_writable(out)
+    if rank == 0:  # the rank that takes the lock (its own would block the others)
+        lock_run_folder(out, take=False)
+    last = os.path.join(out, "last.pt")
     ckpt = None
     if args.resume:
         if not os.path.exists(last):
@@ -123,9 +172,11 @@ def check_inputs(args, world, last):
                              for k in diff[:3])
             raise UsageError(f"checkpoint {last} does not match this run: it was trained with "
                              f"{what or 'another layout'}; use the same flags, or another --out")
-    elif os.path.exists(last):
-        raise UsageError(f"{os.path.dirname(last)} already holds a run: pass --resume to continue "
-                         f"it, or choose another --out")
+    else:  # any output of a run, not only last.pt: nothing of an earlier run is overwritten
+        found = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+        if found:
+            raise UsageError(f"{out} already holds a run ({', '.join(found)}): pass --resume to "
+                             f"continue it, or choose another --out")
 
     train_set = data.build_dataset(args.data, args.root, "train", args.img_size, augment=True,
                                    seed=args.seed, subset=args.subset, patch=args.patch)
@@ -138,11 +189,15 @@ def check_inputs(args, world, last):
     if classes[0] != classes[1]:
         raise UsageError(f"train/ and val/ hold different class folders under {args.root}: "
                          f"make them match")
-    first = next(item for item in (train_set.dataset[i] for i in range(len(train_set))) if item)
-    sizes = {k: getattr(args, k) for k in ("dim", "depth", "heads") if getattr(args, k)}
+    firsts = [next(data.readable_items(dataset), None) for dataset in (train_set, val_set)]
+    for split, first in zip(("train", "val"), firsts):
+        if first is None:
+            raise UsageError(f"no readable image in the {split} split of --data {args.data} "
+                             f"(each one is named above)")
+    sizes = {k: getattr(args, k) for k in ("dim", "depth", "heads") if getattr(args, k) is not None}
     with as_usage_errors():  # reorder.py's own checks (window, width vs heads, ...)
         cfg = reorder.vit_config(args.model, img_size=args.img_size, patch_size=args.patch,
-                                 in_chans=first[0].shape[0],
+                                 in_chans=firsts[0][0].shape[0],
                                  num_classes=data.num_classes_of(train_set),
                                  mixer=args.mixer, window=args.window, **sizes)
         model = reorder.ViT(cfg)
@@ -163,9 +218,13 @@ def initial_order(args, grid, train_set, rank, world):
         table = prior.compressibility(images, args.patch, seed=args.seed, progress=not args.quiet)
         print(prior.format_table(table))
         pick[0] = prior.pick(table)
-        print(f"--order prior: starting from {pick[0]}, the least compressible ordering")
     if world > 1:
         dist.broadcast_object_list(pick, src=0)
+    if pick[0] is None:
+        raise UsageError("--order prior: a tie, no one ordering is the least compressible on "
+                         "these images, so the prior picks none: give --order yourself")
+    if rank == 0:
+        print(f"--order prior: starting from {pick[0]}, the least compressible ordering")
     return reorder.order(pick[0], *grid), f"prior:{pick[0]}", table
 
 
@@ -294,6 +353,8 @@ def evaluate(model, loader, perm, device, dtype, world):
     totals = torch.zeros(3, device=device)  # top-1 correct, top-5 correct, images
     with torch.no_grad():
         for batch in loader:
+            if batch is None:  # every image of it was unreadable (each one warned)
+                continue
             x, y = (t.to(device, non_blocking=True) for t in batch)
             with autocast(device, dtype):
                 logits = model(x, perm)
@@ -312,13 +373,13 @@ def evaluate(model, loader, perm, device, dtype, world):
 
 @dataclass
 class Progress:
-    """Where the run is: epoch, steps done in it, one history line per epoch, the best val top-1,
-    and the running sums of the epoch under way."""
+    """Where the run is: epoch, steps done in it, one history line per epoch, the running sums
+    of the epoch under way, and the flags a --resume changed in it ({flag: [before, after]})."""
     epoch: int = 0
     done_in_epoch: int = 0
     history: list = field(default_factory=list)
-    best: float = -1.0
     sums: dict = field(default_factory=dict)
+    changed: dict = field(default_factory=dict)
 
     def add(self, **values):
         for k, v in values.items():
@@ -411,169 +472,274 @@ def train(args):
     out = args.out or os.path.join("runs", f"{args.data}-{args.order.replace(os.sep, '_')}{mixer}"
                                            f"{'-learn' if args.learn_order else ''}-s{args.seed}")
     last = os.path.join(out, "last.pt")
-    ckpt, train_set, val_set, raw_model = check_inputs(args, world, last)
+    ckpt, train_set, val_set, raw_model = check_inputs(args, rank, world, out)
     raw_model, grid = raw_model.to(device), raw_model.grid
+    # a hand-edited checkpoint: a key missing, a shape changed (read here and where it is loaded)
+    ckpt_errors = functools.partial(
+        as_usage_errors, f"checkpoint {last} does not fit this run ({{}}): it cannot be resumed; "
+                         f"train into another --out",
+        (KeyError, TypeError, ValueError, RuntimeError, IndexError))
     if ckpt:
-        start_perm, order_name, prior_table = ckpt["start_perm"], ckpt["order_name"], None
+        with ckpt_errors():
+            start_perm = reorder.check_perm(ckpt["start_perm"], grid[0] * grid[1])
+            order_name, prior_table = ckpt["order_name"], None
     else:
         start_perm, order_name, prior_table = initial_order(args, grid, train_set, rank, world)
     start_perm = start_perm.to(device)
+    lock = None
     if rank == 0:  # all input checked: from here on the run writes into `out`
+        created = not os.path.isdir(out)
         os.makedirs(out, exist_ok=True)
+        lock = lock_run_folder(out, take=True)
+        data.remove_temporary_files(out)  # of writes killed mid-way; no one else writes here now
+    try:
         if prior_table:
-            with open(os.path.join(out, "prior.json"), "w") as f:
+            with data.atomic_path(os.path.join(out, "prior.json")) as tmp, open(tmp, "w") as f:
                 json.dump(prior_table, f, indent=1)
 
-    # ---- model, policy, optimizers, schedules; everything a checkpoint restores in one dict
-    sampler, loader, val_loader = make_loaders(args, train_set, val_set, rank, world, device)
-    steps_per_epoch = len(sampler) // args.batch_size
-    curriculum = Curriculum.of(args, steps_per_epoch)
-    dtype = amp_dtype(args.amp, device)
-    model = torch.compile(raw_model) if args.compile else raw_model
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr,
-                                  weight_decay=args.weight_decay)
-    warmup, total = args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    policy = policy_opt = None
-    if args.learn_order:
-        policy = reorder.PlackettLuce.from_order(start_perm.cpu()).to(device)  # float32 under AMP
-        policy_opt = policy_optimizer(policy, args.policy_lr)
-    ema = reorder.EMABaseline(0.99)
-    policy_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-    progress = Progress()
-    state = {"model": raw_model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
-             "policy": policy, "policy_opt": policy_opt, "baseline": ema,
-             "rng": RandomStreams(device, policy_gen), "progress": progress}
-    state = {name: obj for name, obj in state.items() if obj is not None}
-    meta = {"start_perm": start_perm.cpu(), "order_name": order_name,
-            "config": {k: getattr(args, k) for k in RESUME_KEYS}}
-    if ckpt:
-        for name, obj in state.items():
-            obj.load_state_dict(ckpt[name])
-        scheduler.base_lrs = [args.lr]  # a lowered --lr takes effect on resume
-    else:
-        if rank == 0:
-            with open(os.path.join(out, "config.json"), "w") as f:
-                json.dump({**vars(args), "vit": dataclasses.asdict(raw_model.cfg),
-                           "order_name": order_name, "steps_per_epoch": steps_per_epoch}, f,
-                          indent=1)
+        # ---- model, policy, optimizers, schedules; everything a checkpoint restores in one dict
+        sampler, loader, val_loader = make_loaders(args, train_set, val_set, rank, world, device)
+        steps_per_epoch = len(sampler) // args.batch_size
+        curriculum = Curriculum.of(args, steps_per_epoch)
+        dtype = amp_dtype(args.amp, device)
+        model = torch.compile(raw_model) if args.compile else raw_model
+        if world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr,
+                                      weight_decay=args.weight_decay)
+        warmup, total = args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                      lambda s: lr_factor(s, warmup, total))
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        policy = policy_opt = None
+        if args.learn_order:
+            policy = reorder.PlackettLuce.from_order(start_perm.cpu()).to(device)  # fp32 under AMP
+            policy_opt = policy_optimizer(policy, args.policy_lr)
+        ema = reorder.EMABaseline(0.99)
+        policy_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+        progress = Progress()
+        state = {"model": raw_model, "optimizer": optimizer, "scheduler": scheduler,
+                 "scaler": scaler, "policy": policy, "policy_opt": policy_opt, "baseline": ema,
+                 "rng": RandomStreams(device, policy_gen), "progress": progress}
+        state = {name: obj for name, obj in state.items() if obj is not None}
+        meta = {"start_perm": start_perm.cpu(), "order_name": order_name,
+                "config": {k: getattr(args, k) for k in RESUME_KEYS + RESUME_MAY_CHANGE}}
+        if ckpt:
+            with ckpt_errors():
+                for name, obj in state.items():
+                    obj.load_state_dict(ckpt[name])
+            # RESUME_MAY_CHANGE: --clip, --amp, --device, --compile are read from args; the rest:
+            scheduler.base_lrs = [args.lr]
+            for g in optimizer.param_groups:
+                g["lr"] = args.lr * lr_factor(scheduler.last_epoch, warmup, total)
+                g["weight_decay"] = args.weight_decay
+            for g in policy_opt.param_groups if policy_opt else ():
+                g["lr"] = args.policy_lr
+            before = ckpt["config"]
+            changed = {k: [before.get(k), getattr(args, k)] for k in RESUME_MAY_CHANGE
+                       if before.get(k) != getattr(args, k)}
+            progress.changed.update(changed)
+            if changed and rank == 0:
+                print("--resume with " + ", ".join(f"--{k.replace('_', '-')} {new} (was {old})"
+                                                   for k, (old, new) in changed.items())
+                      + ": applied from here on, and recorded in metrics.jsonl")
+        else:
+            if rank == 0:
+                with data.atomic_path(os.path.join(out, "config.json")) as tmp, open(tmp, "w") as f:
+                    json.dump({**vars(args), "vit": dataclasses.asdict(raw_model.cfg),
+                               "order_name": order_name, "steps_per_epoch": steps_per_epoch}, f,
+                              indent=1)
 
-    def checkpoint(path):
-        if rank == 0:
-            data.atomic_save({**{k: obj.state_dict() for k, obj in state.items()}, **meta}, path)
+        def current_order():
+            return policy.mode() if policy is not None else start_perm
 
-    def current_order():
-        return policy.mode() if policy is not None else start_perm
+        def position(where):
+            return f"epoch {where[0]} after {where[1]} of {steps_per_epoch} steps"
 
-    # ---- the loop
-    while progress.epoch < args.epochs:
-        t0 = time.time()
-        sampler.set_epoch(progress.epoch)
-        sampler.skip = progress.done_in_epoch * args.batch_size
-        loader.dataset.epoch = progress.epoch
-        bar = tqdm(loader, desc=f"epoch {progress.epoch}", total=steps_per_epoch,
-                   initial=progress.done_in_epoch, disable=rank != 0 or args.quiet, leave=False)
-        for x, y in bar:
-            step = progress.epoch * steps_per_epoch + progress.done_in_epoch
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            phase, tau = curriculum.phase(step)
-
-            # 1. the orders: while learning, K samples from the policy (rank 0's, on every rank),
-            #    each one for the batch [K, N] or one per image [K, B, N]; before, the start
-            #    order (or samples around it at --fixed-tau); after, the policy's frozen mode
-            if tau > 0:
-                k = args.orders_per_step if phase == "learn" else 1
-                n = 1 if args.granularity == "batch" else len(y)
-                perms, _ = policy.sample(k * n, tau, policy_gen)
-                perms = perms.view(k, n, -1)[:, 0] if n == 1 else perms.view(k, n, -1)
-                if world > 1:
-                    dist.broadcast(perms, 0)
-            else:
-                perms = current_order()[None]
-
-            # 2. the classifier's step on the first order; the others only scored, on the same
-            #    images with the same weights
-            logits, losses, loss_value = model_step(model, optimizer, scheduler, scaler, x, y,
-                                                    perms, dtype, args.clip)
-            if not math.isfinite(loss_value):
-                raise UsageError(f"loss is {loss_value} at step {step} (epoch {progress.epoch}): "
-                                 f"stopped; {last} holds the last good state; lower --lr (then "
-                                 f"--resume), or try --amp bf16/off")
-            correct = logits[0].argmax(1) == y
-
-            # 3. REINFORCE (§5): a reward per order (and image), its baseline, one policy step
-            if phase == "learn":
-                reward = -losses if args.reward == "xent" else (logits.argmax(-1) == y) * 2.0 - 1
-                if args.granularity == "batch":  # [K, B] -> [K]: one order, one reward
-                    reward = reward.mean(1)
-                    if world > 1:
-                        dist.all_reduce(reward)
-                        reward /= world
-                if len(perms) > 1:  # leave-one-out over the orders: image noise cancels
-                    baseline = reorder.loo_baseline(reward, dim=0)
-                elif args.baseline == "ema":  # the paper's estimator
-                    baseline = ema(reward.mean().item())
-                else:  # one order per image, leave-one-out over the images
-                    baseline = reorder.loo_baseline(reward, dim=1)
-                log_prob = policy_update(policy, policy_opt, perms, tau, reward, baseline, world)
-                batch_reward = reward.mean(-1) if reward.dim() > 1 else reward  # [K]
-                progress.add(reward=batch_reward[0].item(), reward_sq=batch_reward[0].item() ** 2,
-                             spread=batch_reward.std().item() if len(perms) > 1 else 0.0,
-                             neg_logp=-log_prob.mean().item(), policy_steps=1)
-
-            # 4. bookkeeping, and a checkpoint every --save-every steps
-            progress.add(loss=loss_value * len(y), correct=correct.sum().item(), images=len(y),
-                         tau=tau, steps=1)
-            progress.done_in_epoch += 1
-            s = progress.sums
-            p_steps = max(1, s.get("policy_steps", 0))
-            bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{100 * s['correct'] / s['images']:.1f}",
-                            tau=f"{tau:.3f}", reward=f"{s.get('reward', 0) / p_steps:.3f}",
-                            spread=f"{s.get('spread', 0) / p_steps:.2e}")
-            if args.save_every and progress.done_in_epoch % args.save_every == 0 \
-                    and progress.done_in_epoch < steps_per_epoch:
-                checkpoint(last)
-        bar.close()
-
-        # ---- end of epoch: validate, log, save
-        order_now = current_order()
-        top1, top5 = evaluate(model, val_loader, order_now, device, dtype, world)
-        s, p_steps = progress.sums, progress.sums.get("policy_steps", 0)
-        noise = (math.sqrt(max(0.0, s["reward_sq"] / p_steps - (s["reward"] / p_steps) ** 2))
-                 if p_steps else None)
-        progress.history.append({
-            "epoch": progress.epoch, "phase": curriculum.phase(progress.epoch * steps_per_epoch)[0],
-            "train_loss": s["loss"] / s["images"], "train_top1": 100 * s["correct"] / s["images"],
-            "val_top1": top1, "val_top5": top5, "lr": scheduler.get_last_lr()[0],
-            "tau": s["tau"] / s["steps"], "reward": s["reward"] / p_steps if p_steps else None,
-            "entropy": s["neg_logp"] / p_steps if p_steps else None,  # Monte Carlo, at the tau used
-            # order sensitivity: how far apart the K orders' rewards on the same images are, and
-            # how far apart the rewards of different batches are (the noise an EMA baseline sees)
-            "order_spread": s["spread"] / p_steps if p_steps else None, "batch_noise": noise,
-            # mean number of slots a patch has moved since the start; argsort(perm) = its slot
-            "order_shift": (order_now.argsort() - start_perm.argsort()).abs().float().mean().item(),
-            "seconds": time.time() - t0})
-        progress.epoch, progress.done_in_epoch, progress.sums = progress.epoch + 1, 0, {}
-        is_best, progress.best = top1 > progress.best, max(progress.best, top1)
-        checkpoint(last)
-        if rank == 0:
-            if is_best:
-                checkpoint(os.path.join(out, "best.pt"))
+        def write_outputs(blob, order_now):
+            """best.pt (if this epoch is the best so far), metrics.jsonl, order.pt and order.png of
+            the epoch whose end the checkpoint `blob` holds."""
+            tops = [line["val_top1"] for line in progress.history]
+            if tops.index(max(tops)) == len(tops) - 1:
+                data.atomic_write(blob, os.path.join(out, "best.pt"))
             with data.atomic_path(os.path.join(out, "metrics.jsonl")) as tmp, open(tmp, "w") as f:
                 f.writelines(json.dumps(line) + "\n" for line in progress.history)
             data.save_order(os.path.join(out, "order.pt"), order_now, grid)
-            draw_order(order_now.cpu(), grid, os.path.join(out, "order.png"))
-            h = progress.history[-1]
-            print(f"epoch {h['epoch']} {h['phase']}: train loss {h['train_loss']:.4f}, val top-1 "
-                  f"{top1:.2f} top-5 {top5:.2f}, tau {h['tau']:.3f}, order shift "
-                  f"{h['order_shift']:.2f}, {h['seconds']:.1f} s", flush=True)
+            with data.atomic_path(os.path.join(out, "order.png")) as tmp:
+                draw_order(order_now.cpu(), grid, tmp)
 
-    return {"out": out, "history": progress.history, "order": current_order().cpu(),
-            "policy_logits": policy.logits.detach().cpu() if policy is not None else None}
+        # last.pt only ever holds a state that has given a finite loss: a checkpoint is held back,
+        # serialized, until the next step's loss is finite, and only then written ("committed")
+        saved = (progress.epoch, progress.done_in_epoch) if ckpt else None  # where last.pt is
+        pending = None  # (bytes, where, the order if at an epoch's end)
+
+        def commit():
+            """Write the pending checkpoint as last.pt, then, at an epoch's end, its outputs."""
+            nonlocal pending, saved
+            if pending:
+                blob, where, order_now = pending
+                if rank == 0:
+                    data.atomic_write(blob, last)
+                    if order_now is not None:
+                        write_outputs(blob, order_now)
+                pending, saved = None, where
+
+        def hold(order_now=None):
+            """Serialize the state now as the pending checkpoint. One still pending is committed
+            first: no step has changed the weights since it was taken."""
+            nonlocal pending
+            commit()
+            buffer = io.BytesIO()
+            if rank == 0:
+                torch.save({**{k: obj.state_dict() for k, obj in state.items()}, **meta}, buffer)
+            pending = buffer.getvalue(), (progress.epoch, progress.done_in_epoch), order_now
+
+        if ckpt and rank == 0 and progress.history and not progress.done_in_epoch:
+            with open(last, "rb") as f:  # a kill may have come between last.pt and the outputs
+                write_outputs(f.read(), current_order())
+        if progress.epoch >= args.epochs:
+            print(f"{out}: the run is complete ({args.epochs} epochs); its outputs match {last}")
+
+        # ---- the loop
+        try:
+            while progress.epoch < args.epochs:
+                t0 = time.time()
+                sampler.set_epoch(progress.epoch)
+                sampler.skip = progress.done_in_epoch * args.batch_size
+                loader.dataset.epoch = progress.epoch
+                bar = tqdm(loader, desc=f"epoch {progress.epoch}", total=steps_per_epoch,
+                           initial=progress.done_in_epoch, disable=rank != 0 or args.quiet,
+                           leave=False)
+                for batch in bar:
+                    step = progress.epoch * steps_per_epoch + progress.done_in_epoch
+                    if batch is None:  # every image of it was unreadable (each one warned)
+                        progress.done_in_epoch += 1
+                        continue
+                    x, y = (t.to(device, non_blocking=True) for t in batch)
+                    phase, tau = curriculum.phase(step)
+
+                    # 1. the orders: while learning, K samples from the policy (rank 0's, on
+                    #    every rank), each one for the batch [K, N] or one per image [K, B, N];
+                    #    before, the start order (or samples around it at --fixed-tau); after,
+                    #    the policy's frozen mode
+                    if tau > 0:
+                        k = args.orders_per_step if phase == "learn" else 1
+                        n = 1 if args.granularity == "batch" else len(y)
+                        perms, _ = policy.sample(k * n, tau, policy_gen)
+                        perms = perms.view(k, n, -1)[:, 0] if n == 1 else perms.view(k, n, -1)
+                        if world > 1:
+                            dist.broadcast(perms, 0)
+                    else:
+                        perms = current_order()[None]
+
+                    # 2. the classifier's step on the first order; the others only scored, on
+                    #    the same images with the same weights
+                    logits, losses, loss_value = model_step(model, optimizer, scheduler, scaler,
+                                                            x, y, perms, dtype, args.clip)
+                    if not math.isfinite(loss_value):  # the pending checkpoint gave it: dropped
+                        good = saved if saved != (progress.epoch, progress.done_in_epoch) else None
+                        raise UsageError(
+                            f"loss is {loss_value} at step {step} (epoch {progress.epoch}): "
+                            f"stopped; " + (f"{last} holds {position(good)}, the last state known "
+                                            f"to give a finite loss: --resume with a lower --lr "
+                                            f"(or --amp bf16/off)" if good else
+                                            "no checkpoint holds a state known to give a finite "
+                                            "loss: start again with a lower --lr in another --out"))
+                    commit()
+                    correct = logits[0].argmax(1) == y
+
+                    # 3. REINFORCE (§5): a reward per order (and image), a baseline, a policy step
+                    if phase == "learn":
+                        reward = (-losses if args.reward == "xent"
+                                  else (logits.argmax(-1) == y) * 2.0 - 1)  # [K, B]
+                        if args.granularity == "batch":  # one order, one reward: [K]
+                            reward = reward.mean(1)
+                            if world > 1:
+                                dist.all_reduce(reward)
+                                reward /= world
+                        if len(perms) > 1:  # leave-one-out over the orders: image noise cancels
+                            baseline = reorder.loo_baseline(reward, dim=0)
+                        elif args.baseline == "ema":  # the paper's estimator
+                            baseline = ema(reward.mean().item())
+                        else:  # one order per image, leave-one-out over the images
+                            baseline = reorder.loo_baseline(reward, dim=1)
+                        log_prob = policy_update(policy, policy_opt, perms, tau, reward, baseline,
+                                                 world)
+                        batch_reward = (reward.mean(-1) if reward.dim() > 1 else reward).tolist()
+                        progress.add(reward=batch_reward[0], reward_sq=batch_reward[0] ** 2,
+                                     spread=torch.tensor(batch_reward).std().item()
+                                     if len(batch_reward) > 1 else 0.0,
+                                     neg_logp=-log_prob.mean().item(), policy_steps=1)
+
+                    # 4. bookkeeping, and a checkpoint every --save-every steps
+                    progress.add(loss=loss_value * len(y), correct=correct.sum().item(),
+                                 images=len(y), tau=tau, steps=1)
+                    progress.done_in_epoch += 1
+                    s = progress.sums
+                    p_steps = max(1, s.get("policy_steps", 0))
+                    bar.set_postfix(
+                        loss=f"{loss_value:.3f}", acc=f"{100 * s['correct'] / s['images']:.1f}",
+                        tau=f"{tau:.3f}", reward=f"{s.get('reward', 0) / p_steps:.3f}",
+                        spread=f"{s.get('spread', 0) / p_steps:.1e}")
+                    if args.save_every and progress.done_in_epoch % args.save_every == 0 \
+                            and progress.done_in_epoch < steps_per_epoch:
+                        hold()
+                bar.close()
+
+                # ---- end of epoch: validate, log, save
+                order_now = current_order()
+                top1, top5 = evaluate(model, val_loader, order_now, device, dtype, world)
+                s, p_steps = progress.sums, progress.sums.get("policy_steps", 0)
+                totals = torch.tensor([s["loss"], s["correct"], s["images"]], dtype=torch.float64,
+                                      device=device)
+                if world > 1:  # train loss and top-1 over every rank's images, not rank 0's
+                    dist.all_reduce(totals)
+                loss_sum, correct, images = totals.tolist()
+                noise = (math.sqrt(max(0.0, s["reward_sq"] / p_steps - (s["reward"] / p_steps)
+                                       ** 2)) if p_steps else None)
+                progress.history.append({
+                    "epoch": progress.epoch,
+                    "phase": curriculum.phase(progress.epoch * steps_per_epoch)[0],
+                    "train_loss": loss_sum / images, "train_top1": 100 * correct / images,
+                    "val_top1": top1, "val_top5": top5, "lr": scheduler.get_last_lr()[0],
+                    "tau": s["tau"] / s["steps"],
+                    "reward": s["reward"] / p_steps if p_steps else None,
+                    # Monte Carlo, at the tau used
+                    "entropy": s["neg_logp"] / p_steps if p_steps else None,
+                    # order sensitivity: how far apart the K orders' rewards on the same images
+                    # are, against how far apart different batches' rewards are
+                    "order_spread": s["spread"] / p_steps if p_steps else None,
+                    "batch_noise": noise,
+                    # mean number of slots a patch has moved since the start; argsort(perm) = slot
+                    "order_shift": (order_now.argsort() - start_perm.argsort()).abs().float()
+                    .mean().item(),
+                    "changed": progress.changed, "seconds": time.time() - t0})
+                progress.epoch, progress.done_in_epoch = progress.epoch + 1, 0
+                progress.sums, progress.changed = {}, {}
+                hold(order_now)
+                if rank == 0:
+                    h = progress.history[-1]
+                    print(f"epoch {h['epoch']} {h['phase']}: train loss {h['train_loss']:.4f}, "
+                          f"val top-1 {top1:.2f} top-5 {top5:.2f}, tau {h['tau']:.3f}, order "
+                          f"shift {h['order_shift']:.2f}, {h['seconds']:.1f} s", flush=True)
+            commit()  # the last epoch's end: there is no later step to wait for
+        except KeyboardInterrupt:
+            commit()  # the last finished step's state, if still held back: whole, and cheap
+            raise KeyboardInterrupt(f"--resume continues from {position(saved)} ({last})" if saved
+                                    else "before the first checkpoint: nothing to resume; start "
+                                         "again in another --out") from None
+
+        return {"out": out, "history": progress.history, "order": current_order().cpu(),
+                "policy_logits": policy.logits.detach().cpu() if policy is not None else None}
+
+    finally:
+        if lock:
+            os.remove(lock.name)
+            lock.close()
+            if created:  # a run that could write nothing (a full disk) leaves no empty folder
+                with suppress(OSError):  # not empty
+                    os.rmdir(out)
 
 
 def lr_factor(step, warmup_steps, total_steps):
@@ -682,9 +848,6 @@ def parse_args(argv=None):
         args.policy_epochs = max(1, min(round(0.30 * e), room))
     if args.warmup_epochs is None:
         args.warmup_epochs = round(0.05 * e)
-    for name in ("epochs", "batch_size", "prior_n"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
 
@@ -709,6 +872,9 @@ def main(argv=None):
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # Ctrl-C; train() says where --resume continues
+        print(f"train.py: interrupted{': ' if str(e) else ''}{e}", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

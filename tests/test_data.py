@@ -2,12 +2,14 @@
 import json
 import os
 import pickle
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import data
+import prior
 import reorder
 import train
 
@@ -55,13 +57,14 @@ def test_cifar10_loader_reads_the_pickle_format(tmp_path):
 
 
 def write_jpegs(root, classes=("cat", "dog"), per_class=4, size=(40, 50)):
+    """Images with constant rows: the prior's orderings compress them unequally (noise ties)."""
     from PIL import Image
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for c in classes:
             (root / split / c).mkdir(parents=True)
             for i in range(per_class):
-                pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+                pixels = rng.integers(0, 256, (size[0], 1, 3), dtype=np.uint8).repeat(size[1], 1)
                 Image.fromarray(pixels).save(root / split / c / f"{i}.jpg")
 
 
@@ -76,6 +79,38 @@ def test_image_folder_loader_resizes_and_skips_unreadable_images(tmp_path, capsy
                           "--batch-size", "3", "--workers", "0", "--out", str(tmp_path / "run")])
     assert len(metrics(summary["out"])) == 1
     assert "warning: skipping unreadable image" in capsys.readouterr().err
+
+
+def test_unreadable_images_are_skipped_by_the_prior_and_by_training(tmp_path):
+    write_jpegs(tmp_path)
+    for path in (tmp_path / "train" / "dog" / "broken.jpg", tmp_path / "val" / "cat" / "bad.jpg"):
+        path.write_bytes(b"not a jpeg at all")
+    out = tmp_path / "p.json"
+    assert prior.main(["--data", "folder", "--root", str(tmp_path), "--n", "100", "--codebook", "4",
+                       "--workers", "1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["images"] == 8  # the 8 readable ones
+    # --order prior samples as prior.py does; at --batch-size 1 the bad image is a batch alone
+    summary = train.main(["--data", "folder", "--root", str(tmp_path), *SMALL, "--batch-size", "1",
+                          "--order", "prior", "--prior-n", "100", "--workers", "0",
+                          "--out", str(tmp_path / "run")])
+    assert len(metrics(summary["out"])) == 1
+
+
+def test_a_folder_of_only_unreadable_images_is_one_error_line(tmp_path, capsys):
+    for split in ("train", "val"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / split / "cat" / f"{i}.jpg").write_bytes(b"not a jpeg at all")
+    for main in (lambda: train.main(["--data", "folder", "--root", str(tmp_path), *SMALL,
+                                      "--batch-size", "2", "--out", str(tmp_path / "run")]),
+                 lambda: sys.exit(prior.main(["--data", "folder", "--root", str(tmp_path),
+                                              "--out", str(tmp_path / "p.json")]))):
+        with pytest.raises(SystemExit) as e:
+            main()
+        *warnings, error = capsys.readouterr().err.splitlines()
+        assert e.value.code == 2 and "no readable image" in error, error
+        assert all(line.startswith("warning: skipping unreadable image") for line in warnings)
+    assert sorted(os.listdir(tmp_path)) == ["train", "val"]
 
 
 @pytest.mark.skipif(not os.path.exists(FMNIST), reason="Debian's dataset-fashion-mnist is missing")

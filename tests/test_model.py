@@ -217,6 +217,17 @@ def test_bad_model_input_is_a_one_line_error():
         small_vit(2)(torch.randn(1, 3, 16, 16))
 
 
+def test_forward_takes_only_permutations_of_its_patches():
+    model, x = small_vit(2), torch.randn(2, 3, 16, 20)
+    row = order("row", 4, 5)
+    one_per_image = r"shape \[20\] or \[2, 20\]"
+    for bad, message in ((row[:-1], "shape"), (torch.cat([row[:-1], row[:1]]), "not a permutation"),
+                         (row - 1, "not a permutation"), (row[None], one_per_image),
+                         (torch.stack([row] * 3), one_per_image)):
+        with pytest.raises(ValueError, match=message):
+            model(x, bad)
+
+
 def test_reorder_imports_only_torch_and_the_standard_library():
     tree = ast.parse(open(os.path.join(ROOT, "reorder.py")).read())
     modules = set()
@@ -228,6 +239,7 @@ def test_reorder_imports_only_torch_and_the_standard_library():
     assert modules - set(sys.stdlib_module_names) == {"torch"}
 
 
+@pytest.mark.slow
 def test_reorder_runs_alone_in_an_empty_folder(tmp_path):
     shutil.copy(os.path.join(ROOT, "reorder.py"), tmp_path)
     (tmp_path / "use.py").write_text(

@@ -109,9 +109,16 @@ def test_bad_grid_and_image_sizes_are_one_line_errors():
     assert grid_size((32, 48), 16) == (2, 3)
 
 
+def test_a_grid_of_non_integers_is_named_as_such():
+    for h, w in ((3.0, 4), (3, "4")):
+        with pytest.raises(ValueError, match="grid sizes must be integers"):
+            order("row", h, w)
+
+
 def test_check_perm_rejects_non_permutations():
     assert torch.equal(check_perm(order("snake", 3, 3), 9), order("snake", 3, 3))
     with pytest.raises(ValueError, match="not a permutation"):
         check_perm(torch.tensor([0, 1, 1]), 3)
-    with pytest.raises(ValueError, match=r"shape \[4\]"):
+    with pytest.raises(ValueError, match=r"shape \[\.\.\., 4\]"):
         check_perm(torch.arange(3), 4)
+    assert check_perm(torch.stack([order("row", 2, 2)] * 6).view(2, 3, 4), 4).shape == (2, 3, 4)

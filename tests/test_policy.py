@@ -65,6 +65,20 @@ def test_tau_zero_returns_the_mode_without_sampling():
     assert torch.equal(logp, torch.zeros(3))
 
 
+def test_log_prob_and_from_order_take_only_permutations_and_a_positive_tau():
+    policy, row = PlackettLuce(4), order("row", 2, 2)
+    not_perms = tuple(map(torch.tensor, ([0, 0, 1, 2], [-1, 0, 1, 2], [0, 1, 2, 4])))
+    for bad in not_perms + (torch.tensor([0, 1, 2]),):  # the last: a permutation, of 3 not 4
+        with pytest.raises(ValueError):
+            policy.log_prob(bad)
+    for bad in not_perms:
+        with pytest.raises(ValueError, match="not a permutation"):
+            PlackettLuce.from_order(bad)
+    for tau in (0.0, -0.5, float("nan")):  # tau = 0 used to give NaN
+        with pytest.raises(ValueError, match="tau must be > 0"):
+            policy.log_prob(row, tau)
+
+
 def test_extreme_logits_stay_finite():
     policy = policy_with([1e4, -1e4, 1e4, -1e4, 0.0, 5e3])
     for tau in (0.3, 1.0):

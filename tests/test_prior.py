@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import prior
+import train
 
 FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
@@ -67,9 +68,31 @@ def test_rgb_images_and_a_custom_order_work():
     assert prior.pick(table) == "mine"
 
 
-def test_pick_is_the_least_compressible_order():
-    table = {"orders": {"row": {"rank": 1}, "snake": {"rank": 3}, "column": {"rank": 2}}}
+def test_pick_is_the_least_compressible_order_and_none_in_a_tie():
+    scores = {"row": 30.0, "snake": 10.0, "column": 20.0}
+    table = {"orders": {name: {"score": score} for name, score in scores.items()}}
     assert prior.pick(table) == "snake"
+    table["orders"]["row"]["score"] = 10.0
+    assert prior.pick(table) is None
+
+
+def test_a_tie_is_called_a_tie_by_prior_py_and_by_order_prior(tmp_path, capsys):
+    out = tmp_path / "p.json"  # one code for every patch: every ordering writes the same stream
+    assert prior.main(["--data", "synthetic", "--n", "16", "--img-size", "16", "--codebook", "1",
+                       "--workers", "1", "--out", str(out)]) == 0
+    assert "a tie" in capsys.readouterr().out and json.loads(out.read_text())["pick"] is None
+    from PIL import Image
+    for split in ("train", "val"):  # constant images: every ordering of one is the same
+        for c, level in (("dark", 40), ("light", 200)):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (32, 32), (level,) * 3).save(tmp_path / split / c / "0.jpg")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", "folder", "--root", str(tmp_path), "--order", "prior", "--epochs",
+                    "1", "--batch-size", "2", "--depth", "1", "--quiet",
+                    "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "a tie" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
 
 
 def run_cli(tmp_path, folder, *extra):
@@ -100,12 +123,29 @@ def test_same_seed_gives_identical_json_for_any_number_of_workers(tmp_path):
      "image size 30x30 is not divisible by patch size 4"),
     (["--data", "folder", "--root", "/nonexistent/place"],
      "data folder /nonexistent/place/train not found"),
+    (["--data", "synthetic", "--codebook", "0"], "--codebook must be at least 1, got 0"),
+    (["--data", "synthetic", "--codebook", "-3"], "--codebook must be at least 1, got -3"),
+    (["--data", "synthetic", "--workers", "0"], "--workers must be at least 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
     assert prior.main(args + ["--out", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "x.json").exists()
+
+
+def test_out_is_checked_before_the_computation_and_its_folder_made(tmp_path, capsys, monkeypatch):
+    real = prior.compressibility
+    monkeypatch.setattr(prior, "compressibility", lambda *a, **k: pytest.fail("computed first"))
+    (tmp_path / "file").write_text("")
+    args = ["--data", "synthetic", "--n", "16", "--img-size", "16", "--codebook", "4"]
+    assert prior.main(args + ["--out", str(tmp_path / "file" / "p.json")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write into" in err and err.count("\n") == 1
+    monkeypatch.setattr(prior, "compressibility", real)
+    assert prior.main(args + ["--workers", "1", "--out", str(tmp_path / "new" / "p.json")]) == 0
+    assert json.loads((tmp_path / "new" / "p.json").read_text())["images"] == 16
+    assert os.listdir(tmp_path / "new") == ["p.json"]
 
 
 def test_an_empty_folder_is_one_line_and_exit_2(tmp_path, capsys):

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -73,6 +74,7 @@ def test_every_mixer_trains_with_its_default_window(tmp_path, mixer, flags, wind
     assert all(np.isfinite(m["train_loss"]) for m in metrics(summary["out"]))
 
 
+@pytest.mark.slow
 def test_compiled_model_trains_like_the_eager_one(tmp_path):
     # torch.compile is the GPU path's speed-up; on CPU it runs through inductor's C++ backend
     eager = run(tmp_path, "--epochs", "3", "--learn-order", name="eager")
@@ -91,11 +93,22 @@ def test_a_saved_order_is_loadable_with_order_path(tmp_path):
 
 
 def test_order_prior_starts_from_the_least_compressible_order(tmp_path):
-    summary = run(tmp_path, "--epochs", "1", "--order", "prior", "--prior-n", "32")
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):  # constant rows, which the orderings compress unequally
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(8):
+                rows = rng.integers(0, 256, (32, 1, 3), dtype=np.uint8).repeat(32, 1)
+                Image.fromarray(rows).save(tmp_path / split / c / f"{i}.png")
+    summary = train.main(["--data", "folder", "--root", str(tmp_path), "--order", "prior",
+                          "--prior-n", "16", "--epochs", "1", "--batch-size", "4", "--depth", "1",
+                          "--dim", "32", "--heads", "2", "--workers", "0", "--quiet",
+                          "--out", str(tmp_path / "run")])
     with open(os.path.join(summary["out"], "prior.json")) as f:
-        table = json.load(f)
-    worst = max(table["orders"], key=lambda name: table["orders"][name]["rank"])
-    assert torch.equal(summary["order"], reorder.order(worst, 4, 4))
+        scores = {name: row["score"] for name, row in json.load(f)["orders"].items()}
+    assert len(set(scores.values())) == 6  # no tie
+    assert torch.equal(summary["order"], reorder.order(min(scores, key=scores.get), 8, 8))
 
 
 def test_learning_rate_warms_up_then_decays_to_one_percent():
@@ -124,6 +137,7 @@ def train_cmd(out, *extra):
             *extra]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     whole = subprocess.run(train_cmd(tmp_path / "whole"), capture_output=True, text=True,
                            timeout=300)
@@ -158,7 +172,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
             assert all(torch.equal(x["model"][k], y["model"][k]) for k in x["model"])
 
 
-def test_two_ddp_ranks_end_with_identical_policy_logits(tmp_path):
+@pytest.mark.slow
+def test_two_ddp_ranks_agree_on_the_policy_and_on_the_logged_train_metrics(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(
         "import os, sys, torch\n"
@@ -166,7 +181,8 @@ def test_two_ddp_ranks_end_with_identical_policy_logits(tmp_path):
         "import train\n"
         "summary = train.main(sys.argv[1:])\n"
         "rank = os.environ['RANK']\n"
-        "torch.save(summary['policy_logits'], os.path.join(summary['out'], f'rank{rank}.pt'))\n")
+        "torch.save({'logits': summary['policy_logits'], 'history': summary['history']},\n"
+        "           os.path.join(summary['out'], f'rank{rank}.pt'))\n")
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(script), *TINY, "--epochs", "3", "--learn-order", "--policy-lr", "0.05",
@@ -174,11 +190,65 @@ def test_two_ddp_ranks_end_with_identical_policy_logits(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    logits = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    logits = [r["logits"] for r in ranks]
     start = reorder.PlackettLuce.from_order(reorder.order("row", 4, 4)).logits.detach()
     assert torch.equal(logits[0], logits[1])
+    for name in ("train_loss", "train_top1"):  # over both ranks' images, not rank 0's alone
+        assert [h[name] for h in ranks[0]["history"]] == [h[name] for h in ranks[1]["history"]]
     assert not torch.allclose(logits[0], start)  # the all-reduced policy gradients did move it
     assert [m["phase"] for m in metrics(out)] == ["fixed", "learn", "finetune"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("limit,file,left", [(100, "config.json", None),
+                                             (20000, "last.pt", ["config.json"])])
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, limit, file, left):
+    import resource
+
+    def disk_full_at_limit():  # writes beyond `limit` bytes fail as on a full disk (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    out = tmp_path / "run"
+    done = subprocess.run(train_cmd(out), capture_output=True, text=True, timeout=300,
+                          preexec_fn=disk_full_at_limit)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert f"cannot write {out / file} (OSError: [Errno 27] File too large)" in done.stderr
+    assert (sorted(os.listdir(out)) if out.exists() else None) == left  # no empty folder
+
+
+@pytest.mark.slow
+def test_a_busy_run_folder_is_refused_with_its_pid_and_a_killed_runs_lock_is_not(tmp_path, capsys):
+    script = tmp_path / "slow_run.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import train\n"
+        "step = train.model_step\n"
+        "train.model_step = lambda *a: (time.sleep(0.3), step(*a))[1]  # a run that takes a while\n"
+        "train.main(sys.argv[1:])\n")
+    out = tmp_path / "run"
+    argv = [*TINY, "--epochs", "2", "--save-every", "2", "--out", str(out)]
+    first = subprocess.Popen([sys.executable, str(script), *argv], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "last.pt").exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    for extra in (["--resume"], ["--seed", "1"]):  # a second run, with or without --resume
+        fails(capsys, [*argv, *extra], f"in use by process {first.pid}")
+    assert first.poll() is None, "the first run ended before the second one was tried"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert any("lock" in name for name in os.listdir(out))  # the killed run's, left behind
+    train.main([*argv, "--resume"])
+    assert len(metrics(out)) == 2 and not any("lock" in name for name in os.listdir(out))
+
+
+def test_temporary_files_of_a_killed_write_are_removed_on_the_next_start(tmp_path):
+    out = run(tmp_path, "--epochs", "1")["out"]
+    for name in ("last.pt.tmp4242", "metrics.jsonl.tmp17"):
+        open(os.path.join(out, name), "wb").close()
+    run(tmp_path, "--epochs", "1", "--resume")
+    assert not [name for name in os.listdir(out) if ".tmp" in name]
 
 
 # ---- bad input: one line, exit status 2, nothing overwritten -------------------------------------
@@ -190,6 +260,7 @@ def fails(capsys, argv, message):
     assert e.value.code == 2, err
     assert message in err, err
     assert err.count("\n") == 1, err
+    return err
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -210,10 +281,36 @@ def fails(capsys, argv, message):
     (["--batch-size", "1000"], "fewer than one batch"),
     pytest.param(["--device", "cuda"], "torch sees no CUDA device", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="this machine has a CUDA device")),
+    (["--clip", "-1"], "--clip must be > 0, got -1.0"),  # clip_grad_norm_ would flip the gradient
+    (["--clip", "0"], "--clip must be > 0"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--policy-lr", "-1", "--learn-order"], "--policy-lr must be > 0"),
+    (["--workers", "-1"], "--workers must be at least 0"),
+    (["--subset", "-5"], "--subset must be at least 1"),
+    (["--subset", "0"], "--subset must be at least 1"),  # was silently "all"
+    (["--val-subset", "0"], "--val-subset must be at least 1"),
+    (["--dim", "0"], "--dim must be at least 1"),
+    (["--heads", "0"], "--heads must be at least 1"),
+    (["--depth", "-1"], "--depth must be at least 1"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--learn-order", "--policy-start", "-1"], "--policy-start must be at least 0"),
+    (["--learn-order", "--tau-max", "0"], "--tau-max must be > 0"),
+    (["--learn-order", "--tau-max", "-0.2"], "--tau-max must be > 0"),
+    (["--learn-order", "--granularity", "image", "--orders-per-step", "1", "--baseline", "loo",
+      "--batch-size", "1"], "--baseline loo needs --batch-size 2 or more"),
+    (["--learn-order", "--fixed-tau", "-1"], "--fixed-tau must be at least 0"),
 ])
 def test_bad_flags(tmp_path, capsys, extra, message):
-    fails(capsys, [*TINY, "--out", str(tmp_path / "run"), *extra], message)
+    fails(capsys, [*TINY, "--epochs", "1", "--out", str(tmp_path / "run"), *extra], message)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unwritable_out_is_one_line_before_any_data_is_read(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        fails(capsys, [*TINY, "--data", "folder", "--root", str(tmp_path / "nowhere"),
+                       "--out", str(out)], "cannot write into")
+    assert os.listdir(tmp_path) == ["file"] and (tmp_path / "file").read_text() == "not a folder"
 
 
 def test_missing_and_empty_data_folders(tmp_path, capsys):
@@ -243,13 +340,152 @@ def test_corrupt_mismatched_and_existing_checkpoints(tmp_path, capsys):
     assert (tmp_path / "good" / "last.pt").read_bytes() == before
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    fails(capsys, [*TINY, "--out", str(tmp_path / "run"), "--epochs", "1", "--lr", "1e30",
-                   "--save-every", "1"],
-          "at step")
-    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert ckpt["progress"]["done_in_epoch"] >= 1
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+@pytest.mark.parametrize("edit", ["no scheduler", "no start_perm", "pos_embed's shape"])
+def test_a_hand_edited_checkpoint_is_one_line(tmp_path, capsys, edit):
+    out = run(tmp_path, "--epochs", "2", "--save-every", "2")["out"]
+    last = os.path.join(out, "last.pt")
+    ckpt = torch.load(last, weights_only=True)
+    if edit.startswith("no "):
+        del ckpt[edit[3:]]
+    else:
+        ckpt["model"]["pos_embed"] = torch.zeros(1, 3, 32)
+    torch.save(ckpt, last)
+    before = open(last, "rb").read()
+    fails(capsys, [*TINY, "--epochs", "2", "--save-every", "2", "--out", out, "--resume"],
+          "does not fit this run")
+    assert open(last, "rb").read() == before
+
+
+def test_a_corrupt_order_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "order.pt"
+    torch.save({"perm": np.arange(16)}, path)  # weights_only refuses numpy, in many lines
+    fails(capsys, [*TINY, "--order", str(path), "--out", str(tmp_path / "run")],
+          f"order file {path} is not an order of 16 patches")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_holding_any_run_output_is_refused_and_no_advice_loses_work(tmp_path, capsys):
+    out = run(tmp_path, "--epochs", "1")["out"]
+    kept = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+    with open(os.path.join(out, "last.pt"), "r+b") as f:  # the issue's repro: last.pt torn, ...
+        f.truncate(100)
+    err = fails(capsys, [*TINY, "--epochs", "1", "--out", out, "--resume"], "unreadable or corrupt")
+    assert "delete" not in err and "another --out" in err
+    os.remove(os.path.join(out, "last.pt"))  # ... then removed by hand, then a new run there
+    err = fails(capsys, [*TINY, "--epochs", "1", "--seed", "1", "--out", out],
+                "already holds a run")
+    assert "delete" not in err
+    for name, content in kept.items():
+        if name != "last.pt":
+            assert open(os.path.join(out, name), "rb").read() == content, name
+
+
+def test_nan_at_the_first_steps_says_that_there_is_nothing_to_resume(tmp_path, capsys):
+    err = fails(capsys, [*TINY, "--out", str(tmp_path / "run"), "--epochs", "1", "--lr", "1e30",
+                         "--save-every", "1"], "loss is nan at step 1 (epoch 0): stopped")
+    assert "--resume" not in err and "another --out" in err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_nan_stop_keeps_the_last_state_that_gave_a_finite_loss(tmp_path, capsys, monkeypatch):
+    real, steps = train.model_step, []
+
+    def ruinous(model, *args):  # the 5th step's update leaves weights that no forward survives
+        result = real(model, *args)
+        steps.append(1)
+        if len(steps) == 5:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1e30)
+        return result
+    monkeypatch.setattr(train, "model_step", ruinous)
+    argv = [*TINY, "--out", str(tmp_path / "run"), "--epochs", "1", "--save-every", "1"]
+    err = fails(capsys, argv, "loss is nan at step 5 (epoch 0): stopped")
+    assert "last.pt holds epoch 0 after 4 of 8 steps" in err and "--resume" in err
+    monkeypatch.undo()
+    train.main([*argv, "--resume"])  # from the state before the ruinous update: no NaN
+    assert len(metrics(tmp_path / "run")) == 1
+
+
+class Killed(BaseException):
+    """SIGKILL at a chosen write, in-process."""
+
+
+def kill_at_write(monkeypatch, out, name, epochs_done):
+    """Make the write of `name` that follows the end-of-epoch last.pt of `epochs_done` epochs die
+    as a kill there would."""
+    real, last = data.atomic_path, os.path.join(out, "last.pt")
+
+    @contextmanager
+    def dying(path):
+        if path.endswith(name) and os.path.exists(last):
+            done = torch.load(last, weights_only=True)["progress"]
+            if (done["epoch"], done["done_in_epoch"]) == (epochs_done, 0):
+                raise Killed
+        with real(path) as tmp:
+            yield tmp
+    monkeypatch.setattr(data, "atomic_path", dying)
+
+
+def without_seconds(lines):
+    return [{k: v for k, v in line.items() if k != "seconds"} for line in lines]
+
+
+@pytest.mark.parametrize("name", ["best.pt", "metrics.jsonl"])
+def test_a_kill_after_the_final_checkpoint_is_repaired_by_resume(tmp_path, monkeypatch, capsys,
+                                                                 name):
+    argv = ["--epochs", "3", "--lr", "3e-3", "--learn-order", "--policy-lr", "0.05"]
+    whole = run(tmp_path, *argv, name="whole")["out"]
+    tops = [line["val_top1"] for line in metrics(whole)]
+    assert tops[-1] > max(tops[:-1]), "the last epoch must be the best, for best.pt to change"
+    out = str(tmp_path / "killed")
+    kill_at_write(monkeypatch, out, name, epochs_done=3)
+    with pytest.raises(Killed):
+        run(tmp_path, *argv, name="killed")
+    monkeypatch.undo()
+    capsys.readouterr()
+    run(tmp_path, *argv, "--resume", name="killed")
+    assert "the run is complete" in capsys.readouterr().out
+    assert without_seconds(metrics(out)) == without_seconds(metrics(whole))
+    a, b = (torch.load(os.path.join(d, "best.pt"), weights_only=True) for d in (whole, out))
+    assert a["progress"]["epoch"] == b["progress"]["epoch"] == 3
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_resume_refuses_or_applies_and_records_changed_flags(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    argv = [*TINY, "--epochs", "2", "--learn-order", "--policy-lr", "0.05", "--out", out]
+    kill_at_write(monkeypatch, out, "metrics.jsonl", epochs_done=1)
+    with pytest.raises(Killed):
+        train.main(argv)
+    monkeypatch.undo()
+    fails(capsys, [*argv, "--resume", "--val-subset", "32"], "--val-subset 64 (now 32)")
+    train.main([*argv, "--resume", "--policy-lr", "0.01", "--weight-decay", "0.1"])
+    assert "--policy-lr 0.01 (was 0.05)" in capsys.readouterr().out
+    changed = [line["changed"] for line in metrics(out)]
+    assert changed == [{}, {"policy_lr": [0.05, 0.01], "weight_decay": [0.03, 0.1]}]
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert ckpt["policy_opt"]["param_groups"][0]["lr"] == 0.01
+    assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 0.1
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_in_one_line_where_resume_continues(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:  # interrupt after some checkpoints
+        if (out / "last.pt").exists():
+            if torch.load(out / "last.pt", weights_only=True)["progress"]["done_in_epoch"] >= 8:
+                proc.send_signal(signal.SIGINT)
+                break
+        time.sleep(0.05)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and err.count("\n") == 1, err
+    done = torch.load(out / "last.pt", weights_only=True)["progress"]
+    assert (f"train.py: interrupted: --resume continues from epoch {done['epoch']} after "
+            f"{done['done_in_epoch']} of 128 steps") in err
 
 
 # ---- the picture of the orders -------------------------------------------------------------------
