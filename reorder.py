@@ -343,11 +343,12 @@ def window_attention(q, k, v, window: Optional[int], causal: bool = False):
     return banded_attention(q, k, v, window, causal)
 
 
-def _scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """h_t = a_t ⊙ h_{t-1} + b_t along dim 1, without autograd: two levels of about sqrt(L)
-    sequential steps, so the cost stays linear in L. First every chunk of C ≈ sqrt(L) slots at
-    once, from a zero state (local states, and each slot's decay since its chunk began), then the
-    state carried from chunk to chunk, added back as decay · carry."""
+def _scan(a: torch.Tensor, b: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """h_t = a_t ⊙ h_{t-1} + b_t along dim 1 (with `reverse`, h_t = a_t ⊙ h_{t+1} + b_t), without
+    autograd: two levels of about sqrt(L) sequential steps, so the cost stays linear in L. First
+    every chunk of C ≈ sqrt(L) slots at once, from a zero state (local states, and each slot's
+    decay since its chunk began), then the state carried from chunk to chunk, added back as
+    decay · carry."""
     B, L = a.shape[:2]
     C = math.isqrt(max(L - 1, 0)) + 1
     m = -(-L // C)
@@ -356,13 +357,15 @@ def _scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     b = torch.cat([b, b.new_zeros(fill)], 1).view(B, m, C, *rest)
     h, decay = torch.empty_like(b), torch.empty_like(a)
     h_t, decay_t = torch.zeros_like(b[:, :, 0]), torch.ones_like(a[:, :, 0])
-    for t in range(C):  # within all chunks at once
+    for t in range(C - 1, -1, -1) if reverse else range(C):  # within all chunks at once
         h_t = torch.addcmul(b[:, :, t], a[:, :, t], h_t)
         decay_t = decay_t * a[:, :, t]
         h[:, :, t], decay[:, :, t] = h_t, decay_t
     carry = torch.zeros_like(h[:, :, 0])  # [B, m, ...]: the state entering each chunk
-    for j in range(1, m):
-        carry[:, j] = torch.addcmul(h[:, j - 1, -1], decay[:, j - 1, -1], carry[:, j - 1])
+    edge, step = (0, 1) if reverse else (-1, -1)  # a chunk's last slot, and where its carry goes
+    for j in range(m - 2, -1, -1) if reverse else range(1, m):
+        carry[:, j] = torch.addcmul(h[:, j + step, edge], decay[:, j + step, edge],
+                                    carry[:, j + step])
     return h.addcmul_(decay, carry[:, :, None]).view(B, m * C, *rest)[:, :L]
 
 
@@ -380,10 +383,8 @@ class _LinearRecurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h):
         a, h = ctx.saved_tensors
-        a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], 1)
-        g = _scan(a_next.flip(1), grad_h.flip(1)).flip(1)
-        h_prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], 1)
-        return g * h_prev, g
+        g = _scan(torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], 1), grad_h, reverse=True)
+        return torch.cat([torch.zeros_like(g[:, :1]), g[:, 1:] * h[:, :-1]], 1), g  # h_{-1} = 0
 
 
 def selective_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
