@@ -460,6 +460,162 @@ def draw_orders(path, grid, orders, columns=4):
 
 
 # --------------------------------------------------------------------------------------------------
+# Resuming, the run folder, its files, and the epoch's record
+# --------------------------------------------------------------------------------------------------
+
+def resume(state, ckpt, args, rank, schedule):
+    """Load every stateful object from the checkpoint; flags of RESUME_MAY_CHANGE apply from here
+    on (--clip, --amp, --device, --compile are read from args anyway) and are returned as
+    {flag: [before, after]} for metrics.jsonl."""
+    for name, obj in state.items():
+        obj.load_state_dict(ckpt[name])
+    optimizer, scheduler = state["optimizer"], state["scheduler"]
+    policy_opt = state.get("policy_opt")
+    scheduler.base_lrs = [args.lr]
+    for g in optimizer.param_groups:
+        g["lr"], g["weight_decay"] = args.lr * schedule(scheduler.last_epoch), args.weight_decay
+    for g in policy_opt.param_groups if policy_opt else ():
+        g["lr"] = args.policy_lr
+    changed = {k: [ckpt["config"].get(k), getattr(args, k)] for k in RESUME_MAY_CHANGE
+               if ckpt["config"].get(k) != getattr(args, k)}
+    if changed and rank == 0:
+        print("--resume with " + ", ".join(f"--{k.replace('_', '-')} {new} (was {old})"
+                                           for k, (old, new) in changed.items())
+              + ": applied from here on, and recorded in metrics.jsonl")
+    return changed
+
+
+@contextmanager
+def run_folder(out, rank):
+    """The run folder, made and locked by rank 0, with the temporary files of writes killed
+    mid-way removed; unlocked at the end, and removed if this run made it and could write
+    nothing into it (a full disk)."""
+    if rank != 0:
+        yield
+        return
+    created = not os.path.isdir(out)
+    os.makedirs(out, exist_ok=True)
+    lock = lock_run_folder(out, take=True)
+    data.remove_temporary_files(out)  # no one else writes here now
+    try:
+        yield
+    finally:
+        os.remove(lock.name)
+        lock.close()
+        if created:
+            with suppress(OSError):  # not empty
+                os.rmdir(out)
+
+
+class Checkpoints:
+    """The run's files: last.pt, and at an epoch's end best.pt, metrics.jsonl, order.pt and
+    order.png. last.pt only ever holds a state that has given a finite loss: a checkpoint is held
+    back, serialized, until the next step's loss is finite, and only then written (committed)."""
+
+    def __init__(self, out, rank, state, meta, grid, resumed):
+        self.out, self.rank, self.state, self.meta, self.grid = out, rank, state, meta, grid
+        self.last = os.path.join(out, "last.pt")
+        self.progress = state["progress"]
+        self.saved = self.where() if resumed else None  # (epoch, step) that last.pt holds
+        self.pending = None  # (bytes, where, the order if at an epoch's end)
+
+    def where(self):
+        return self.progress.epoch, self.progress.done_in_epoch
+
+    def hold(self, order_now=None):
+        """Serialize the state now as the pending checkpoint (one still pending is committed
+        first: no step has changed the weights since it was taken)."""
+        self.commit()
+        buffer = io.BytesIO()
+        if self.rank == 0:
+            torch.save({**{k: obj.state_dict() for k, obj in self.state.items()}, **self.meta},
+                       buffer)
+        self.pending = buffer.getvalue(), self.where(), order_now
+
+    def commit(self):
+        """Write the pending checkpoint as last.pt, then, at an epoch's end, its outputs."""
+        if self.pending:
+            blob, where, order_now = self.pending
+            if self.rank == 0:
+                data.atomic_write(blob, self.last)
+                if order_now is not None:
+                    self.write_outputs(blob, order_now)
+            self.pending, self.saved = None, where
+
+    def write_outputs(self, blob, order_now):
+        """best.pt (if this epoch is the best so far), metrics.jsonl, order.pt and order.png of
+        the epoch whose end the checkpoint `blob` holds."""
+        history = self.progress.history
+        tops = [line["val_top1"] for line in history]
+        if tops.index(max(tops)) == len(tops) - 1:
+            data.atomic_write(blob, os.path.join(self.out, "best.pt"))
+        with data.atomic_path(os.path.join(self.out, "metrics.jsonl")) as tmp, open(tmp, "w") as f:
+            f.writelines(json.dumps(line) + "\n" for line in history)
+        data.save_order(os.path.join(self.out, "order.pt"), order_now, self.grid)
+        with data.atomic_path(os.path.join(self.out, "order.png")) as tmp:
+            draw_order(order_now.cpu(), self.grid, tmp)
+
+    def repair(self, order_now):
+        """On --resume at an epoch's end: a kill may have come between last.pt and the outputs."""
+        if self.rank == 0 and self.progress.history and not self.progress.done_in_epoch:
+            with open(self.last, "rb") as f:
+                self.write_outputs(f.read(), order_now)
+
+    def nan_stop(self, loss_value, step, steps_per_epoch):
+        """The one-line stop for a non-finite loss (the pending checkpoint gave it: dropped)."""
+        good = self.saved if self.saved != self.where() else None
+        return UsageError(
+            f"loss is {loss_value} at step {step} (epoch {self.progress.epoch}): stopped; "
+            + (f"{self.last} holds epoch {good[0]} after {good[1]} of {steps_per_epoch} steps, "
+               f"the last state known to give a finite loss: --resume with a lower --lr (or "
+               f"--amp bf16/off)" if good else "no checkpoint holds a state known to give a "
+               "finite loss: start again with a lower --lr in another --out"))
+
+    @contextmanager
+    def on_interrupt(self, steps_per_epoch):
+        """Ctrl-C: commit the last finished step's state (whole, and cheap), and say in one line
+        where --resume continues."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.commit()
+            epoch, step = self.saved or (0, 0)
+            raise KeyboardInterrupt(
+                f"--resume continues from epoch {epoch} after {step} of {steps_per_epoch} steps "
+                f"({self.last})" if self.saved else "before the first checkpoint: nothing to "
+                "resume; start again in another --out") from None
+
+
+def epoch_record(progress, curriculum, steps_per_epoch, top1, top5, lr, order_now, start_perm,
+                 device, world, seconds):
+    """The epoch's line of metrics.jsonl, from the running sums (train loss and top-1 over every
+    rank's images)."""
+    s, p_steps = progress.sums, progress.sums.get("policy_steps", 0)
+    totals = torch.tensor([s["loss"], s["correct"], s["images"]], dtype=torch.float64,
+                          device=device)
+    if world > 1:
+        dist.all_reduce(totals)
+    loss_sum, correct, images = totals.tolist()
+
+    def per_step(key):
+        return s[key] / p_steps if p_steps else None
+    return {
+        "epoch": progress.epoch, "phase": curriculum.phase(progress.epoch * steps_per_epoch)[0],
+        "train_loss": loss_sum / images, "train_top1": 100 * correct / images,
+        "val_top1": top1, "val_top5": top5, "lr": lr, "tau": s["tau"] / s["steps"],
+        "reward": per_step("reward"),
+        "entropy": per_step("neg_logp"),  # Monte Carlo, at the tau used
+        # order sensitivity: how far apart the K orders' rewards on the same images are, against
+        # how far apart the rewards of different batches are (what an EMA baseline leaves)
+        "order_spread": per_step("spread"),
+        "batch_noise": math.sqrt(max(0.0, per_step("reward_sq") - per_step("reward") ** 2))
+        if p_steps else None,
+        # mean number of slots a patch has moved since the start; argsort(perm) = each slot
+        "order_shift": (order_now.argsort() - start_perm.argsort()).abs().float().mean().item(),
+        "changed": progress.changed, "seconds": seconds}
+
+
+# --------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------
 
@@ -471,14 +627,13 @@ def train(args):
     mixer = "" if args.mixer == "window" else f"-{args.mixer}"
     out = args.out or os.path.join("runs", f"{args.data}-{args.order.replace(os.sep, '_')}{mixer}"
                                            f"{'-learn' if args.learn_order else ''}-s{args.seed}")
-    last = os.path.join(out, "last.pt")
-    ckpt, train_set, val_set, raw_model = check_inputs(args, rank, world, out)
-    raw_model, grid = raw_model.to(device), raw_model.grid
     # a hand-edited checkpoint: a key missing, a shape changed (read here and where it is loaded)
     ckpt_errors = functools.partial(
-        as_usage_errors, f"checkpoint {last} does not fit this run ({{}}): it cannot be resumed; "
-                         f"train into another --out",
+        as_usage_errors, f"checkpoint {os.path.join(out, 'last.pt')} does not fit this run ({{}}):"
+                         f" it cannot be resumed; train into another --out",
         (KeyError, TypeError, ValueError, RuntimeError, IndexError))
+    ckpt, train_set, val_set, raw_model = check_inputs(args, rank, world, out)
+    raw_model, grid = raw_model.to(device), raw_model.grid
     if ckpt:
         with ckpt_errors():
             start_perm = reorder.check_perm(ckpt["start_perm"], grid[0] * grid[1])
@@ -486,260 +641,152 @@ def train(args):
     else:
         start_perm, order_name, prior_table = initial_order(args, grid, train_set, rank, world)
     start_perm = start_perm.to(device)
-    lock = None
-    if rank == 0:  # all input checked: from here on the run writes into `out`
-        created = not os.path.isdir(out)
-        os.makedirs(out, exist_ok=True)
-        lock = lock_run_folder(out, take=True)
-        data.remove_temporary_files(out)  # of writes killed mid-way; no one else writes here now
-    try:
-        if prior_table:
-            with data.atomic_path(os.path.join(out, "prior.json")) as tmp, open(tmp, "w") as f:
-                json.dump(prior_table, f, indent=1)
 
-        # ---- model, policy, optimizers, schedules; everything a checkpoint restores in one dict
-        sampler, loader, val_loader = make_loaders(args, train_set, val_set, rank, world, device)
-        steps_per_epoch = len(sampler) // args.batch_size
-        curriculum = Curriculum.of(args, steps_per_epoch)
-        dtype = amp_dtype(args.amp, device)
-        model = torch.compile(raw_model) if args.compile else raw_model
-        if world > 1:
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
-        optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr,
-                                      weight_decay=args.weight_decay)
-        warmup, total = args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                      lambda s: lr_factor(s, warmup, total))
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        policy = policy_opt = None
-        if args.learn_order:
-            policy = reorder.PlackettLuce.from_order(start_perm.cpu()).to(device)  # fp32 under AMP
-            policy_opt = policy_optimizer(policy, args.policy_lr)
-        ema = reorder.EMABaseline(0.99)
-        policy_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-        progress = Progress()
-        state = {"model": raw_model, "optimizer": optimizer, "scheduler": scheduler,
-                 "scaler": scaler, "policy": policy, "policy_opt": policy_opt, "baseline": ema,
-                 "rng": RandomStreams(device, policy_gen), "progress": progress}
-        state = {name: obj for name, obj in state.items() if obj is not None}
-        meta = {"start_perm": start_perm.cpu(), "order_name": order_name,
-                "config": {k: getattr(args, k) for k in RESUME_KEYS + RESUME_MAY_CHANGE}}
+    # ---- model, policy, optimizers, schedules; everything a checkpoint restores in one dict
+    sampler, loader, val_loader = make_loaders(args, train_set, val_set, rank, world, device)
+    steps_per_epoch = len(sampler) // args.batch_size
+    curriculum = Curriculum.of(args, steps_per_epoch)
+    dtype = amp_dtype(args.amp, device)
+    model = torch.compile(raw_model) if args.compile else raw_model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    schedule = functools.partial(lr_factor, warmup_steps=args.warmup_epochs * steps_per_epoch,
+                                 total_steps=args.epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    policy = policy_opt = None
+    if args.learn_order:
+        policy = reorder.PlackettLuce.from_order(start_perm.cpu()).to(device)  # fp32 under AMP
+        policy_opt = policy_optimizer(policy, args.policy_lr)
+    ema = reorder.EMABaseline(0.99)
+    policy_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    progress = Progress()
+    state = {"model": raw_model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
+             "policy": policy, "policy_opt": policy_opt, "baseline": ema,
+             "rng": RandomStreams(device, policy_gen), "progress": progress}
+    state = {name: obj for name, obj in state.items() if obj is not None}
+    meta = {"start_perm": start_perm.cpu(), "order_name": order_name,
+            "config": {k: getattr(args, k) for k in RESUME_KEYS + RESUME_MAY_CHANGE}}
+    if ckpt:
+        with ckpt_errors():
+            changed = resume(state, ckpt, args, rank, schedule)  # (it replaces progress.changed)
+        progress.changed.update(changed)
+    checkpoints = Checkpoints(out, rank, state, meta, grid, resumed=ckpt is not None)
+
+    def current_order():
+        return policy.mode() if policy is not None else start_perm
+
+    with run_folder(out, rank), checkpoints.on_interrupt(steps_per_epoch):
+        # all input checked: from here on the run writes into `out`
         if ckpt:
-            with ckpt_errors():
-                for name, obj in state.items():
-                    obj.load_state_dict(ckpt[name])
-            # RESUME_MAY_CHANGE: --clip, --amp, --device, --compile are read from args; the rest:
-            scheduler.base_lrs = [args.lr]
-            for g in optimizer.param_groups:
-                g["lr"] = args.lr * lr_factor(scheduler.last_epoch, warmup, total)
-                g["weight_decay"] = args.weight_decay
-            for g in policy_opt.param_groups if policy_opt else ():
-                g["lr"] = args.policy_lr
-            before = ckpt["config"]
-            changed = {k: [before.get(k), getattr(args, k)] for k in RESUME_MAY_CHANGE
-                       if before.get(k) != getattr(args, k)}
-            progress.changed.update(changed)
-            if changed and rank == 0:
-                print("--resume with " + ", ".join(f"--{k.replace('_', '-')} {new} (was {old})"
-                                                   for k, (old, new) in changed.items())
-                      + ": applied from here on, and recorded in metrics.jsonl")
-        else:
-            if rank == 0:
-                with data.atomic_path(os.path.join(out, "config.json")) as tmp, open(tmp, "w") as f:
-                    json.dump({**vars(args), "vit": dataclasses.asdict(raw_model.cfg),
-                               "order_name": order_name, "steps_per_epoch": steps_per_epoch}, f,
-                              indent=1)
-
-        def current_order():
-            return policy.mode() if policy is not None else start_perm
-
-        def position(where):
-            return f"epoch {where[0]} after {where[1]} of {steps_per_epoch} steps"
-
-        def write_outputs(blob, order_now):
-            """best.pt (if this epoch is the best so far), metrics.jsonl, order.pt and order.png of
-            the epoch whose end the checkpoint `blob` holds."""
-            tops = [line["val_top1"] for line in progress.history]
-            if tops.index(max(tops)) == len(tops) - 1:
-                data.atomic_write(blob, os.path.join(out, "best.pt"))
-            with data.atomic_path(os.path.join(out, "metrics.jsonl")) as tmp, open(tmp, "w") as f:
-                f.writelines(json.dumps(line) + "\n" for line in progress.history)
-            data.save_order(os.path.join(out, "order.pt"), order_now, grid)
-            with data.atomic_path(os.path.join(out, "order.png")) as tmp:
-                draw_order(order_now.cpu(), grid, tmp)
-
-        # last.pt only ever holds a state that has given a finite loss: a checkpoint is held back,
-        # serialized, until the next step's loss is finite, and only then written ("committed")
-        saved = (progress.epoch, progress.done_in_epoch) if ckpt else None  # where last.pt is
-        pending = None  # (bytes, where, the order if at an epoch's end)
-
-        def commit():
-            """Write the pending checkpoint as last.pt, then, at an epoch's end, its outputs."""
-            nonlocal pending, saved
-            if pending:
-                blob, where, order_now = pending
-                if rank == 0:
-                    data.atomic_write(blob, last)
-                    if order_now is not None:
-                        write_outputs(blob, order_now)
-                pending, saved = None, where
-
-        def hold(order_now=None):
-            """Serialize the state now as the pending checkpoint. One still pending is committed
-            first: no step has changed the weights since it was taken."""
-            nonlocal pending
-            commit()
-            buffer = io.BytesIO()
-            if rank == 0:
-                torch.save({**{k: obj.state_dict() for k, obj in state.items()}, **meta}, buffer)
-            pending = buffer.getvalue(), (progress.epoch, progress.done_in_epoch), order_now
-
-        if ckpt and rank == 0 and progress.history and not progress.done_in_epoch:
-            with open(last, "rb") as f:  # a kill may have come between last.pt and the outputs
-                write_outputs(f.read(), current_order())
-        if progress.epoch >= args.epochs:
-            print(f"{out}: the run is complete ({args.epochs} epochs); its outputs match {last}")
+            checkpoints.repair(current_order())
+            if progress.epoch >= args.epochs:
+                print(f"{out}: the run is complete ({args.epochs} epochs); its outputs match "
+                      f"{checkpoints.last}")
+        elif rank == 0:
+            for name, content in (("config.json", {**vars(args), "order_name": order_name,
+                                                   "vit": dataclasses.asdict(raw_model.cfg),
+                                                   "steps_per_epoch": steps_per_epoch}),
+                                  ("prior.json", prior_table)):
+                if content:
+                    with data.atomic_path(os.path.join(out, name)) as tmp, open(tmp, "w") as f:
+                        json.dump(content, f, indent=1)
 
         # ---- the loop
-        try:
-            while progress.epoch < args.epochs:
-                t0 = time.time()
-                sampler.set_epoch(progress.epoch)
-                sampler.skip = progress.done_in_epoch * args.batch_size
-                loader.dataset.epoch = progress.epoch
-                bar = tqdm(loader, desc=f"epoch {progress.epoch}", total=steps_per_epoch,
-                           initial=progress.done_in_epoch, disable=rank != 0 or args.quiet,
-                           leave=False)
-                for batch in bar:
-                    step = progress.epoch * steps_per_epoch + progress.done_in_epoch
-                    if batch is None:  # every image of it was unreadable (each one warned)
-                        progress.done_in_epoch += 1
-                        continue
-                    x, y = (t.to(device, non_blocking=True) for t in batch)
-                    phase, tau = curriculum.phase(step)
-
-                    # 1. the orders: while learning, K samples from the policy (rank 0's, on
-                    #    every rank), each one for the batch [K, N] or one per image [K, B, N];
-                    #    before, the start order (or samples around it at --fixed-tau); after,
-                    #    the policy's frozen mode
-                    if tau > 0:
-                        k = args.orders_per_step if phase == "learn" else 1
-                        n = 1 if args.granularity == "batch" else len(y)
-                        perms, _ = policy.sample(k * n, tau, policy_gen)
-                        perms = perms.view(k, n, -1)[:, 0] if n == 1 else perms.view(k, n, -1)
-                        if world > 1:
-                            dist.broadcast(perms, 0)
-                    else:
-                        perms = current_order()[None]
-
-                    # 2. the classifier's step on the first order; the others only scored, on
-                    #    the same images with the same weights
-                    logits, losses, loss_value = model_step(model, optimizer, scheduler, scaler,
-                                                            x, y, perms, dtype, args.clip)
-                    if not math.isfinite(loss_value):  # the pending checkpoint gave it: dropped
-                        good = saved if saved != (progress.epoch, progress.done_in_epoch) else None
-                        raise UsageError(
-                            f"loss is {loss_value} at step {step} (epoch {progress.epoch}): "
-                            f"stopped; " + (f"{last} holds {position(good)}, the last state known "
-                                            f"to give a finite loss: --resume with a lower --lr "
-                                            f"(or --amp bf16/off)" if good else
-                                            "no checkpoint holds a state known to give a finite "
-                                            "loss: start again with a lower --lr in another --out"))
-                    commit()
-                    correct = logits[0].argmax(1) == y
-
-                    # 3. REINFORCE (§5): a reward per order (and image), a baseline, a policy step
-                    if phase == "learn":
-                        reward = (-losses if args.reward == "xent"
-                                  else (logits.argmax(-1) == y) * 2.0 - 1)  # [K, B]
-                        if args.granularity == "batch":  # one order, one reward: [K]
-                            reward = reward.mean(1)
-                            if world > 1:
-                                dist.all_reduce(reward)
-                                reward /= world
-                        if len(perms) > 1:  # leave-one-out over the orders: image noise cancels
-                            baseline = reorder.loo_baseline(reward, dim=0)
-                        elif args.baseline == "ema":  # the paper's estimator
-                            baseline = ema(reward.mean().item())
-                        else:  # one order per image, leave-one-out over the images
-                            baseline = reorder.loo_baseline(reward, dim=1)
-                        log_prob = policy_update(policy, policy_opt, perms, tau, reward, baseline,
-                                                 world)
-                        batch_reward = (reward.mean(-1) if reward.dim() > 1 else reward).tolist()
-                        progress.add(reward=batch_reward[0], reward_sq=batch_reward[0] ** 2,
-                                     spread=torch.tensor(batch_reward).std().item()
-                                     if len(batch_reward) > 1 else 0.0,
-                                     neg_logp=-log_prob.mean().item(), policy_steps=1)
-
-                    # 4. bookkeeping, and a checkpoint every --save-every steps
-                    progress.add(loss=loss_value * len(y), correct=correct.sum().item(),
-                                 images=len(y), tau=tau, steps=1)
+        while progress.epoch < args.epochs:
+            t0 = time.time()
+            sampler.set_epoch(progress.epoch)
+            sampler.skip = progress.done_in_epoch * args.batch_size
+            loader.dataset.epoch = progress.epoch
+            bar = tqdm(loader, desc=f"epoch {progress.epoch}", total=steps_per_epoch,
+                       initial=progress.done_in_epoch, disable=rank != 0 or args.quiet,
+                       leave=False)
+            for batch in bar:
+                step = progress.epoch * steps_per_epoch + progress.done_in_epoch
+                if batch is None:  # every image of it was unreadable (each one warned)
                     progress.done_in_epoch += 1
-                    s = progress.sums
-                    p_steps = max(1, s.get("policy_steps", 0))
-                    bar.set_postfix(
-                        loss=f"{loss_value:.3f}", acc=f"{100 * s['correct'] / s['images']:.1f}",
-                        tau=f"{tau:.3f}", reward=f"{s.get('reward', 0) / p_steps:.3f}",
-                        spread=f"{s.get('spread', 0) / p_steps:.1e}")
-                    if args.save_every and progress.done_in_epoch % args.save_every == 0 \
-                            and progress.done_in_epoch < steps_per_epoch:
-                        hold()
-                bar.close()
+                    continue
+                x, y = (t.to(device, non_blocking=True) for t in batch)
+                phase, tau = curriculum.phase(step)
 
-                # ---- end of epoch: validate, log, save
-                order_now = current_order()
-                top1, top5 = evaluate(model, val_loader, order_now, device, dtype, world)
-                s, p_steps = progress.sums, progress.sums.get("policy_steps", 0)
-                totals = torch.tensor([s["loss"], s["correct"], s["images"]], dtype=torch.float64,
-                                      device=device)
-                if world > 1:  # train loss and top-1 over every rank's images, not rank 0's
-                    dist.all_reduce(totals)
-                loss_sum, correct, images = totals.tolist()
-                noise = (math.sqrt(max(0.0, s["reward_sq"] / p_steps - (s["reward"] / p_steps)
-                                       ** 2)) if p_steps else None)
-                progress.history.append({
-                    "epoch": progress.epoch,
-                    "phase": curriculum.phase(progress.epoch * steps_per_epoch)[0],
-                    "train_loss": loss_sum / images, "train_top1": 100 * correct / images,
-                    "val_top1": top1, "val_top5": top5, "lr": scheduler.get_last_lr()[0],
-                    "tau": s["tau"] / s["steps"],
-                    "reward": s["reward"] / p_steps if p_steps else None,
-                    # Monte Carlo, at the tau used
-                    "entropy": s["neg_logp"] / p_steps if p_steps else None,
-                    # order sensitivity: how far apart the K orders' rewards on the same images
-                    # are, against how far apart different batches' rewards are
-                    "order_spread": s["spread"] / p_steps if p_steps else None,
-                    "batch_noise": noise,
-                    # mean number of slots a patch has moved since the start; argsort(perm) = slot
-                    "order_shift": (order_now.argsort() - start_perm.argsort()).abs().float()
-                    .mean().item(),
-                    "changed": progress.changed, "seconds": time.time() - t0})
-                progress.epoch, progress.done_in_epoch = progress.epoch + 1, 0
-                progress.sums, progress.changed = {}, {}
-                hold(order_now)
-                if rank == 0:
-                    h = progress.history[-1]
-                    print(f"epoch {h['epoch']} {h['phase']}: train loss {h['train_loss']:.4f}, "
-                          f"val top-1 {top1:.2f} top-5 {top5:.2f}, tau {h['tau']:.3f}, order "
-                          f"shift {h['order_shift']:.2f}, {h['seconds']:.1f} s", flush=True)
-            commit()  # the last epoch's end: there is no later step to wait for
-        except KeyboardInterrupt:
-            commit()  # the last finished step's state, if still held back: whole, and cheap
-            raise KeyboardInterrupt(f"--resume continues from {position(saved)} ({last})" if saved
-                                    else "before the first checkpoint: nothing to resume; start "
-                                         "again in another --out") from None
+                # 1. the orders: while learning, K samples from the policy (rank 0's, on every
+                #    rank), each one for the batch [K, N] or one per image [K, B, N]; before,
+                #    the start order (or samples around it at --fixed-tau); after, the mode
+                if tau > 0:
+                    k = args.orders_per_step if phase == "learn" else 1
+                    n = 1 if args.granularity == "batch" else len(y)
+                    perms = policy.sample(k * n, tau, policy_gen)[0].view(k, n, -1)
+                    perms = perms[:, 0] if n == 1 else perms
+                    if world > 1:
+                        dist.broadcast(perms, 0)
+                else:
+                    perms = current_order()[None]
 
-        return {"out": out, "history": progress.history, "order": current_order().cpu(),
-                "policy_logits": policy.logits.detach().cpu() if policy is not None else None}
+                # 2. the classifier's step on the first order; the others only scored, on the
+                #    same images with the same weights
+                logits, losses, loss_value = model_step(model, optimizer, scheduler, scaler, x, y,
+                                                        perms, dtype, args.clip)
+                if not math.isfinite(loss_value):
+                    raise checkpoints.nan_stop(loss_value, step, steps_per_epoch)
+                checkpoints.commit()  # the held-back state gave a finite loss
+                correct = logits[0].argmax(1) == y
 
-    finally:
-        if lock:
-            os.remove(lock.name)
-            lock.close()
-            if created:  # a run that could write nothing (a full disk) leaves no empty folder
-                with suppress(OSError):  # not empty
-                    os.rmdir(out)
+                # 3. REINFORCE (§5): a reward per order (and image), its baseline, a policy step
+                if phase == "learn":
+                    reward = -losses if args.reward == "xent" else (logits.argmax(-1) == y) * 2. - 1
+                    if args.granularity == "batch":  # one order, one reward: [K, B] -> [K]
+                        reward = reward.mean(1)
+                        if world > 1:
+                            dist.all_reduce(reward)
+                            reward /= world
+                    if len(perms) > 1:  # leave-one-out over the orders: image noise cancels
+                        baseline = reorder.loo_baseline(reward, dim=0)
+                    elif args.baseline == "ema":  # the paper's estimator
+                        baseline = ema(reward.mean().item())
+                    else:  # one order per image, leave-one-out over the images
+                        baseline = reorder.loo_baseline(reward, dim=1)
+                    log_prob = policy_update(policy, policy_opt, perms, tau, reward, baseline,
+                                             world)
+                    per_order = (reward.mean(-1) if reward.dim() > 1 else reward).tolist()
+                    progress.add(reward=per_order[0], reward_sq=per_order[0] ** 2,
+                                 spread=torch.tensor(per_order).std().item() if k > 1 else 0.0,
+                                 neg_logp=-log_prob.mean().item(), policy_steps=1)
+
+                # 4. bookkeeping, and a checkpoint every --save-every steps
+                progress.add(loss=loss_value * len(y), correct=correct.sum().item(),
+                             images=len(y), tau=tau, steps=1)
+                progress.done_in_epoch += 1
+                s, p_steps = progress.sums, max(1, progress.sums.get("policy_steps", 0))
+                bar.set_postfix(loss=f"{loss_value:.3f}", tau=f"{tau:.3f}",
+                                acc=f"{100 * s['correct'] / s['images']:.1f}",
+                                reward=f"{s.get('reward', 0) / p_steps:.3f}",
+                                spread=f"{s.get('spread', 0) / p_steps:.1e}")
+                if args.save_every and progress.done_in_epoch % args.save_every == 0 \
+                        and progress.done_in_epoch < steps_per_epoch:
+                    checkpoints.hold()
+            bar.close()
+
+            # ---- end of epoch: validate, log, hold the checkpoint until the next step's loss
+            order_now = current_order()
+            top1, top5 = evaluate(model, val_loader, order_now, device, dtype, world)
+            progress.history.append(epoch_record(progress, curriculum, steps_per_epoch, top1,
+                                                 top5, scheduler.get_last_lr()[0], order_now,
+                                                 start_perm, device, world, time.time() - t0))
+            progress.epoch, progress.done_in_epoch = progress.epoch + 1, 0
+            progress.sums, progress.changed = {}, {}
+            checkpoints.hold(order_now)
+            if rank == 0:
+                h = progress.history[-1]
+                print(f"epoch {h['epoch']} {h['phase']}: train loss {h['train_loss']:.4f}, val "
+                      f"top-1 {top1:.2f} top-5 {top5:.2f}, tau {h['tau']:.3f}, order shift "
+                      f"{h['order_shift']:.2f}, {h['seconds']:.1f} s", flush=True)
+        checkpoints.commit()  # the last epoch's end: no later step to wait for
+
+    return {"out": out, "history": progress.history, "order": current_order().cpu(),
+            "policy_logits": policy.logits.detach().cpu() if policy is not None else None}
 
 
 def lr_factor(step, warmup_steps, total_steps):
