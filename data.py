@@ -260,7 +260,7 @@ def fashion_mnist(root, split, size):
         return fashion_mnist(root, split, size)
     images, labels = (torch.from_numpy(read_idx(os.path.join(found[0], n)).copy()) for n in names)
     return TensorImages(images[:, None], labels, size, *MEAN_STD["fashion-mnist"],
-                        pad_to=32 if size >= 28 else None)
+                        pad_to=32 if size >= 32 else None)  # the usual 28 -> 32; 28 as it is
 
 
 def cifar10(root, split, size):
@@ -332,10 +332,13 @@ class PairImages(Dataset):
 
     Label 0: every partner repeats its first patch's bit. Label 1: a fraction `mismatch` of the
     pairs, chosen at random, differ. Each patch alone is uniformly random, so chance is 50%.
-    --data pairs: gap = h/2, the top half against the bottom half, so row-major puts every pair
-    h/2 · w slots apart, far beyond a small window. --data neighbours: gap = 1, each even row
-    against the row below, w slots apart in row-major and 1 in column-major. `pair_order` puts
-    the partners side by side. Generated from the index alone; a horizontal flip keeps the label.
+    --data pairs: gap = h/2, the top half against the bottom half, half of the pairs differing
+    for label 1; row-major puts every pair h/2 · w slots apart, far beyond a small window.
+    --data neighbours: gap = 1, each even row against the row below, every pair differing for
+    label 1, so that any one pair in reach decides the label (a model can then learn to use
+    whichever pairs an order brings together); w slots apart in row-major, 1 in column-major.
+    `pair_order` puts the partners side by side. Generated from the index alone; a horizontal
+    flip keeps the label.
     """
 
     num_classes = 2
@@ -388,8 +391,9 @@ def build_dataset(data, root, split, img_size, augment=False, seed=0, subset=Non
         dataset = SyntheticImages((subset or 2048) if split == "train" else 512, img_size,
                                   offset=0 if split == "train" else 10**6)
     elif data in ("pairs", "neighbours"):  # generated: train and val differ by their seeds
+        neighbours = data == "neighbours"
         dataset = PairImages((subset or 50000) if split == "train" else 5000, img_size, patch,
-                             gap=1 if data == "neighbours" else None,
+                             gap=1 if neighbours else None, mismatch=1.0 if neighbours else 0.5,
                              offset=0 if split == "train" else 10**7)
     elif data == "fashion-mnist":
         dataset = fashion_mnist(root, split, img_size)
