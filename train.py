@@ -138,8 +138,8 @@ def check_inputs(args, rank, world, out):
                                       "val_subset": 1, "dim": 1, "depth": 1, "heads": 1,
                                       "policy_epochs": 1, "policy_start": 0, "warmup_epochs": 0,
                                       "workers": 0, "save_every": 0, "orders_per_step": 1,
-                                      "fixed_tau": 0},
-                      above_zero=("lr", "policy_lr", "clip", "tau_max"))  # clip < 0 flips grads
+                                      "fixed_tau": 0, "policy_lr": 0},
+                      above_zero=("lr", "clip", "tau_max"))  # clip < 0 flips grads
     with as_usage_errors():
         reorder.grid_size(args.img_size, args.patch)
     if args.learn_order:
@@ -850,7 +850,8 @@ def parse_args(argv=None):
       help="> 0: before learning, train on orders sampled around the start at this temperature")
     a("--orders-per-step", type=int, default=4,
       help="K orders scored on the same images each learning step (1: the paper's estimator)")
-    a("--policy-lr", type=float, default=0.1, help="the policy's SGD learning rate")
+    a("--policy-lr", type=float, default=0.1,
+      help="the policy's SGD learning rate (0: a frozen policy, a control)")
     a("--reward", default="xent", choices=["xent", "binary"], help="-cross-entropy, or ±1")
     a("--baseline", default=None, choices=["ema", "loo"],
       help="leave-one-out over the K orders (K > 1); with K = 1 the paper's EMA (0.99), or "

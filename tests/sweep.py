@@ -1,42 +1,60 @@
-"""The evidence sweep (README "Results"): train.py runs on Fashion-MNIST and on the known-answer task.
+"""The evidence sweep (README "Results"): does the order matter, and does REOrder help?
 
-    python tests/sweep.py                      # everything, 2 runs at a time, into runs/sweep
-    python tests/sweep.py --groups pairs       # only the known-answer task
-    python tests/sweep.py --report             # only rebuild the tables from finished runs
+    python tests/sweep.py                           # everything, 2 runs at a time, into runs/sweep
+    python tests/sweep.py --groups neighbours,pairs # only the known-answer tasks
+    python tests/sweep.py --report                  # only rebuild the tables and the picture
 
-Groups (3 seeds each, one fixed budget per run, BUDGET below):
-  fixed   the windowed model on each of the six orderings
-  full    the same with full attention: the control, which should not depend on the ordering
-  learn   --learn-order from each ordering and from --order prior, same total epochs
-  pairs   the known-answer task (train.py --data pairs): row-major, the pairing order, and
-          --learn-order from row-major; also the pairs' mean slot distance before and after
-Each run is a train.py process with one thread. A finished run (its metrics.jsonl has every epoch) is
-not run again, an interrupted one is resumed, so the sweep can be stopped and restarted. Writes
-runs/sweep/results.csv (one row per run) and results.md (mean ± std over seeds per cell).
+Groups (each a set of train.py runs, one thread each, BUDGET below):
+  fixed       Fashion-MNIST, each mixer (window, causal, mamba) on each of the six orderings
+  control     the same with full attention: order-invariant in exact arithmetic, so its spread
+              across orderings is the noise floor
+  reorder     --learn-order from each of the six orderings, each mixer
+  neighbours  the known-answer task --data neighbours: fixed row and column orders, REOrder from
+              row, and the same curriculum with a frozen policy (--policy-lr 0)
+  pairs       the known-answer task --data pairs: fixed row and pairing orders, REOrder from row
+Seeds are blocks: every order of a mixer runs with the same seeds (same initial weights, same
+batches), so orders are compared within a seed. A finished run (metrics.jsonl has every epoch) is
+not run again and an interrupted one is resumed, so the sweep can be stopped and restarted.
+--report writes runs/sweep/results.md and results.csv, and figures/results.png.
 """
 import argparse
 import csv
+import itertools
 import json
+import math
 import os
+import random
 import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import reorder  # noqa: E402
-import train  # noqa: E402
 
-MODEL = ["--model", "tiny", "--dim", "64", "--depth", "4", "--heads", "2", "--window", "2"]
-BUDGET = ["--subset", "8000", "--val-subset", "5000", "--epochs", "5", "--batch-size", "32", "--lr", "1e-3",
-          "--warmup-epochs", "1",
-          "--policy-lr", "1e-3", "--quiet"]
-PAIRS = ["--data", "pairs", "--subset", "12000", "--val-subset", "2000", "--epochs", "5", "--batch-size", "128",
-         "--lr", "1e-3", "--policy-lr", "1e-2", "--quiet"]
+MODEL = ["--dim", "64", "--depth", "4", "--heads", "2"]
+MIXERS = {"window": ["--mixer", "window", "--window", "2"], "causal": ["--mixer", "causal"],
+          "mamba": ["--mixer", "mamba"]}
+CONTROL = ["--mixer", "window", "--window", "none"]
+FMNIST = ["--data", "fashion-mnist", "--img-size", "28", "--subset", "6000", "--val-subset",
+          "5000", "--epochs", "4", "--batch-size", "32", "--lr", "1e-3", "--warmup-epochs", "1"]
+# REOrder on Fashion-MNIST: 1 epoch on the start order, 2 learning it, 1 fine-tuning
+REORDER = ["--learn-order", "--policy-start", "1", "--policy-epochs", "2", "--granularity",
+           "image", "--policy-lr", "0.3"]
 SEEDS = (0, 1, 2)
-PAIR_GRID = reorder.grid_size(32, 4)  # train.py's default --img-size and --patch
+# the known-answer tasks: 5 epochs on a fixed order; REOrder 2 epochs on random orders, 6
+# learning, 1 fine-tuning (15 fixed-epoch equivalents: a learning step scores 4 orders)
+TASK = ["--subset", "12000", "--val-subset", "2000", "--batch-size", "128", "--lr", "1e-3",
+        "--window", "2"]
+TASK_FIXED = ["--epochs", "5"]
+TASK_REORDER = ["--epochs", "9", "--learn-order", "--policy-start", "2", "--policy-epochs", "6",
+                "--fixed-tau", "100", "--granularity", "image", "--policy-lr", "0.3"]
+TASK_SEEDS = (0, 1, 2)
+TASK_GRID = reorder.grid_size(32, 4)
+GROUPS = ("fixed", "control", "reorder", "neighbours", "pairs")
 
 
 def flag(args, name):
@@ -45,24 +63,36 @@ def flag(args, name):
 
 
 def runs(groups, out):
-    """[(group, start order, seed, train.py arguments)] of the chosen groups."""
+    """[(group, mixer, order, seed, train.py arguments)] of the chosen groups."""
     jobs = []
-    for seed in SEEDS:
-        for name in reorder.ORDERS + ("prior",):
-            fmnist = ["--data", "fashion-mnist", "--order", name, "--seed", str(seed)] + MODEL + BUDGET
-            if name != "prior" and "fixed" in groups:
-                jobs.append(("fixed", name, seed, fmnist))
-            if name != "prior" and "full" in groups:
-                jobs.append(("full", name, seed, fmnist + ["--window", "none"]))
-            if "learn" in groups:
-                jobs.append(("learn", name, seed, fmnist + ["--learn-order"]))
+    for seed, name in itertools.product(SEEDS, reorder.ORDERS):
+        common = FMNIST + MODEL + ["--order", name, "--seed", str(seed)]
+        for mixer, flags in MIXERS.items():
+            if "fixed" in groups:
+                jobs.append(("fixed", mixer, name, seed, common + flags))
+            if "reorder" in groups:
+                jobs.append(("reorder", mixer, name, seed, common + flags + REORDER))
+        if "control" in groups:
+            jobs.append(("control", "full", name, seed, common + CONTROL))
+    for seed in TASK_SEEDS:
+        task = MODEL + TASK + ["--seed", str(seed)]
+        if "neighbours" in groups:
+            task_jobs = [("fixed", "row", TASK_FIXED), ("fixed", "column", TASK_FIXED),
+                         ("reorder", "row", TASK_REORDER),
+                         ("frozen", "row", TASK_REORDER + ["--policy-lr", "0"])]
+            jobs += [(f"neighbours-{kind}", "window", order, seed,
+                      ["--data", "neighbours", "--order", order] + task + extra)
+                     for kind, order, extra in task_jobs]
         if "pairs" in groups:
-            pair_file = os.path.join(out, "pair_order.pt")
-            for group, order, extra in (("pairs", "row", []), ("pairs", "pairing", []),
-                                        ("pairs-learn", "row", ["--learn-order"])):
-                path = pair_file if order == "pairing" else order
-                jobs.append((group, order, seed, ["--order", path, "--seed", str(seed)] + MODEL + PAIRS + extra))
-    return [(g, o, s, a + ["--out", os.path.join(out, f"{g}-{o}-s{s}")]) for g, o, s, a in jobs]
+            pairing = os.path.join(out, "pair_order.pt")
+            task_jobs = [("fixed", "row", "row", TASK_FIXED),
+                         ("fixed", "pairing", pairing, TASK_FIXED),
+                         ("reorder", "row", "row", TASK_REORDER)]
+            jobs += [(f"pairs-{kind}", "window", name, seed,
+                      ["--data", "pairs", "--order", order] + task + extra)
+                     for kind, name, order, extra in task_jobs]
+    return [(g, m, o, s, a + ["--quiet", "--out", os.path.join(out, f"{g}-{m}-{o}-s{s}")])
+            for g, m, o, s, a in jobs]
 
 
 def history(run_dir):
@@ -74,109 +104,247 @@ def history(run_dir):
 
 
 def launch(job, log):
-    group, order, seed, args = job
+    group, mixer, order, seed, args = job
     run_dir = flag(args, "--out")
     if len(history(run_dir)) >= int(flag(args, "--epochs")):
         return
     resume = ["--resume"] if os.path.exists(os.path.join(run_dir, "last.pt")) else []
+    if not resume and os.path.isdir(run_dir):  # died before its first checkpoint: start again
+        for name in os.listdir(run_dir):
+            os.remove(os.path.join(run_dir, name))
+        os.rmdir(run_dir)
     t0 = time.time()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with open(os.path.join(os.path.dirname(run_dir), f"{os.path.basename(run_dir)}.log"), "a") as f:
-        code = subprocess.call([sys.executable, "train.py", *args, *resume], stdout=f, stderr=subprocess.STDOUT,
-                               env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    log(f"{group:12s} {order:9s} seed {seed}: exit {code}, {time.time() - t0:.0f} s")
+    with open(f"{run_dir}.log", "a") as f:
+        code = subprocess.call([sys.executable, "train.py", *args, *resume], stdout=f,
+                               stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    log(f"{group:18s} {mixer:6s} {order:9s} seed {seed}: exit {code}, {time.time() - t0:.0f} s")
 
 
 def collect(jobs):
-    """One row per finished run: final val top-1, and for the pairs task the pairs' slot distance."""
+    """One row per finished run: final val top-1, seconds, and for the known-answer tasks where
+    the partners sit: their mean slot distance and the share of pairs within ±2 slots."""
     rows = []
-    for group, order, seed, args in jobs:
+    for group, mixer, order, seed, args in jobs:
         run_dir = flag(args, "--out")
         h = history(run_dir)
         if len(h) < int(flag(args, "--epochs")):
             continue
-        row = {"group": group, "order": order, "seed": seed, "val_top1": round(h[-1]["val_top1"], 2),
-               "seconds": round(sum(e["seconds"] for e in h), 1), "learned_shift": round(h[-1]["order_shift"], 2)}
-        if group.startswith("pairs"):
-            start = train.load_checkpoint(os.path.join(run_dir, "last.pt"))["start_perm"]
-            final = data.load_order(os.path.join(run_dir, "order.pt"), PAIR_GRID[0] * PAIR_GRID[1])
-            row["pair_distance_start"] = data.pair_distance(start, *PAIR_GRID)
-            row["pair_distance_final"] = data.pair_distance(final, *PAIR_GRID)
-        if order == "prior":
-            with open(os.path.join(run_dir, "config.json")) as f:
-                row["order"] = json.load(f)["order_name"]
+        row = {"group": group, "mixer": mixer, "order": order, "seed": seed,
+               "val_top1": round(h[-1]["val_top1"], 2),
+               "seconds": round(sum(e["seconds"] for e in h), 1),
+               "order_shift": round(h[-1]["order_shift"], 2)}
+        if flag(args, "--data") in ("pairs", "neighbours"):
+            gap = 1 if flag(args, "--data") == "neighbours" else None
+            perm = data.load_order(os.path.join(run_dir, "order.pt"), TASK_GRID[0] * TASK_GRID[1])
+            slots = perm.argsort()[data.pairs_of(*TASK_GRID, gap or TASK_GRID[0] // 2)]
+            apart = (slots[:, 0] - slots[:, 1]).abs().float()
+            row["pair_distance"] = round(apart.mean().item(), 2)
+            row["pairs_in_reach"] = round((apart <= 2).float().mean().item(), 3)
         rows.append(row)
     return rows
 
 
+# --------------------------------------------------------------------------------------------------
+# Statistics, with the standard library: permutation and sign-flip tests
+# --------------------------------------------------------------------------------------------------
+
+def table(rows, group, mixer):
+    """{order: {seed: val top-1}} of one group and mixer."""
+    cells = {}
+    for r in rows:
+        if r["group"] == group and r["mixer"] == mixer:
+            cells.setdefault(r["order"], {})[r["seed"]] = r["val_top1"]
+    return cells
+
+
+def complete_blocks(cells):
+    """[[value of each order] for each seed that has every order]: the blocked design's rows."""
+    orders = sorted(cells)
+    seeds = set.intersection(*(set(cells[o]) for o in orders)) if orders else set()
+    return [[cells[o][s] for o in orders] for s in sorted(seeds)]
+
+
+def order_effect(blocks, permutations=20000, seed=0):
+    """(spread of the order means, residual std of a run, permutation p-value) for rows = seeds,
+    columns = orders. The statistic is the variance of the order means; the null hypothesis, that
+    the order does not matter, makes the orders exchangeable within each seed, so the p-value is
+    the share of within-seed shufflings whose statistic is at least the observed one."""
+    n, k = len(blocks), len(blocks[0])
+
+    def variance_of_means(rows):
+        return statistics.pvariance([sum(r[j] for r in rows) / n for j in range(k)])
+    observed = variance_of_means(blocks)
+    rng, hits = random.Random(seed), 0
+    for _ in range(permutations):
+        hits += variance_of_means([rng.sample(r, k) for r in blocks]) >= observed - 1e-12
+    means = [sum(r[j] for r in blocks) / n for j in range(k)]
+    seed_means = [sum(r) / k for r in blocks]
+    grand = sum(seed_means) / n
+    residual = sum((blocks[i][j] - means[j] - seed_means[i] + grand) ** 2
+                   for i in range(n) for j in range(k)) / max(1, (n - 1) * (k - 1))
+    return max(means) - min(means), math.sqrt(residual), (hits + 1) / (permutations + 1)
+
+
+def sign_flip_test(diffs, permutations=20000, seed=0):
+    """Two-sided p-value of mean(diffs) = 0 for paired differences: exact over all sign flips
+    for up to 16 pairs, else sampled."""
+    observed, n = abs(sum(diffs)), len(diffs)
+    if n <= 16:
+        flips = itertools.product((1, -1), repeat=n)
+        total = 2 ** n
+    else:
+        rng = random.Random(seed)
+        flips = ([rng.choice((1, -1)) for _ in range(n)] for _ in range(permutations))
+        total = permutations
+    hits = sum(abs(sum(s * d for s, d in zip(signs, diffs))) >= observed - 1e-9 for signs in flips)
+    return hits / total if n <= 16 else (hits + 1) / (total + 1)
+
+
+def p_text(p):
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def mean_std(values):
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0:.2f}"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {sd:.2f}"
 
 
-def report(rows, out):
+# --------------------------------------------------------------------------------------------------
+# Report: tables, tests, the picture
+# --------------------------------------------------------------------------------------------------
+
+def report(rows, out, figure=None):
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        keys = ["group", "order", "seed", "val_top1", "seconds", "learned_shift", "pair_distance_start",
-                "pair_distance_final"]
+        keys = ["group", "mixer", "order", "seed", "val_top1", "seconds", "order_shift",
+                "pair_distance", "pairs_in_reach"]
         writer = csv.DictWriter(f, keys)
         writer.writeheader()
         writer.writerows(rows)
-
-    def cell(group, order):
-        return [r["val_top1"] for r in rows if r["group"] == group and r["order"] == order]
-
-    lines = ["Final val top-1 (%), mean ± std over seeds (n = seeds finished).", ""]
-    groups = [g for g in ("fixed", "full", "learn") if any(r["group"] == g for r in rows)]
-    if groups:
-        names = list(reorder.ORDERS)
-        priors = sorted({r["order"] for r in rows if r["order"].startswith("prior:")})
-        lines += ["| ordering | " + " | ".join({"fixed": "windowed", "full": "full attention",
-                                                  "learn": "REOrder (from it)"}[g] for g in groups) + " |",
-                  "|---|" + "---:|" * len(groups)]
-        for name in names + priors:
-            vals = [f"{mean_std(v)} (n={len(v)})" if v else "" for v in (cell(g, name) for g in groups)]
-            lines.append(f"| {name} | " + " | ".join(vals) + " |")
-        lines.append("")
-        for g in groups:
-            means = [statistics.mean(v) for v in (cell(g, n) for n in names) if v]
-            stds = [statistics.stdev(v) for v in (cell(g, n) for n in names) if len(v) > 1]
-            if means:
-                lines.append(f"- {g}: spread across orderings (max - min of means) {max(means) - min(means):.2f}, "
-                             f"mean seed-to-seed std {statistics.mean(stds) if stds else float('nan'):.2f}")
-        both = [(statistics.mean(cell("learn", n)) - statistics.mean(cell("fixed", n)))
-                for n in names if cell("learn", n) and cell("fixed", n)]
-        if both:
-            lines.append(f"- REOrder minus its fixed start, averaged over orderings: {statistics.mean(both):+.2f} "
-                         f"({sum(d > 0 for d in both)} of {len(both)} orderings above)")
-    pairs = [r for r in rows if r["group"].startswith("pairs")]
-    if pairs:
-        lines += ["", "Known-answer task (--data pairs): val top-1 and the pairs' mean slot distance.", "",
-                  "| run | val top-1 | pair distance, start | pair distance, final |", "|---|---:|---:|---:|"]
-        for group, order in (("pairs", "row"), ("pairs", "pairing"), ("pairs-learn", "row")):
-            sel = [r for r in pairs if r["group"] == group and r["order"] == order]
-            if sel:
-                label = f"{'--learn-order from ' if group == 'pairs-learn' else ''}{order}"
-                lines.append(f"| {label} | {mean_std([r['val_top1'] for r in sel])} | "
-                             f"{mean_std([r['pair_distance_start'] for r in sel])} | "
-                             f"{mean_std([r['pair_distance_final'] for r in sel])} |")
+    lines = ["Final val top-1 (%), mean ± std over seeds (n = runs).", ""]
+    mixers = [m for m in list(MIXERS) + ["full"] if any(r["mixer"] == m for r in rows)]
+    if mixers:
+        lines += ["| ordering | " + " | ".join(
+            f"{m} fixed | {m} REOrder" if m != "full" else "full attention (control)"
+            for m in mixers) + " |", "|---|" + "---:|" * sum(1 if m == "full" else 2
+                                                             for m in mixers)]
+        for name in reorder.ORDERS:
+            cells = []
+            for m in mixers:
+                for group in (("control",) if m == "full" else ("fixed", "reorder")):
+                    values = list(table(rows, group, m).get(name, {}).values())
+                    cells.append(f"{mean_std(values)} (n={len(values)})" if values else "")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", "Is the order effect above noise? Spread = best minus worst order mean; a "
+                  "run's noise = residual std after order and seed; p = within-seed permutation "
+                  "test of the variance of the order means; MDE = the difference between two "
+                  "orders detectable with 80% power at α = 0.05 (2.8 × noise × √(2/seeds)).", "",
+                  "| mixer | seeds | spread | noise | p | MDE |", "|---|---:|---:|---:|---:|---:|"]
+        for m in mixers:
+            for group in (("control",) if m == "full" else ("fixed", "reorder")):
+                blocks = complete_blocks(table(rows, group, m))
+                if len(blocks) >= 2:
+                    spread, noise, p = order_effect(blocks)
+                    mde = 2.8 * noise * math.sqrt(2 / len(blocks))
+                    label = "full attention (control)" if m == "full" else f"{m}, {group}"
+                    lines.append(f"| {label} | {len(blocks)} | {spread:.2f} | {noise:.2f} | "
+                                 f"{p_text(p)} | {mde:.2f} |")
+        lines += ["", "Does REOrder beat its start (paired by seed), and the best fixed order?",
+                  "", "| mixer | REOrder − start | p (sign flips) | above start | REOrder mean | "
+                  "best fixed (mean) |", "|---|---:|---:|---:|---:|---:|"]
+        for m in (m for m in mixers if m != "full"):
+            fixed, learned = table(rows, "fixed", m), table(rows, "reorder", m)
+            diffs = [learned[o][s] - fixed[o][s] for o in learned for s in learned[o]
+                     if s in fixed.get(o, {})]
+            if diffs:
+                best = max(fixed, key=lambda o: statistics.mean(fixed[o].values()))
+                all_learned = [v for o in learned for v in learned[o].values()]
+                lines.append(f"| {m} | {statistics.mean(diffs):+.2f} | "
+                             f"{p_text(sign_flip_test(diffs))} | {sum(d > 0 for d in diffs)} of "
+                             f"{len(diffs)} | {statistics.mean(all_learned):.2f} | {best} "
+                             f"({statistics.mean(fixed[best].values()):.2f}) |")
+    tasks = [r for r in rows if r["group"].startswith(("neighbours", "pairs"))]
+    if tasks:
+        lines += ["", "Known-answer tasks: val top-1, and where the partners sit in the final "
+                  "order (mean slot distance; share of pairs within ±2 slots, the window).", "",
+                  "| task | run | val top-1 | pair distance | pairs in reach |",
+                  "|---|---|---:|---:|---:|"]
+        for group in [f"{t}-{k}" for t in ("neighbours", "pairs")
+                      for k in ("fixed", "reorder", "frozen")]:
+            for order in sorted({r["order"] for r in tasks if r["group"] == group}):
+                sel = [r for r in tasks if r["group"] == group and r["order"] == order]
+                task, kind = group.split("-")
+                label = {"fixed": f"fixed {order}", "reorder": f"REOrder from {order}",
+                         "frozen": f"same curriculum, frozen policy ({order})"}[kind]
+                lines.append(f"| {task} | {label} | {mean_std([r['val_top1'] for r in sel])} | "
+                             f"{mean_std([r['pair_distance'] for r in sel])} | "
+                             f"{mean_std([r['pairs_in_reach'] for r in sel])} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
+    if figure and mixers:
+        draw_results(rows, mixers, figure)
     return text
 
 
+def draw_results(rows, mixers, path):
+    """One PNG: a panel per mixer, val top-1 per ordering, mean ± std over seeds; fixed orders
+    in blue, REOrder from each in orange beside them; the control in grey."""
+    from PIL import Image, ImageDraw
+    values = [r["val_top1"] for r in rows if r["mixer"] in mixers
+              and r["group"] in ("fixed", "reorder", "control")]
+    lo, hi = math.floor(min(values)) - 1, math.ceil(max(values)) + 1
+    pw, ph, top, left = 300, 260, 40, 46
+    sheet = Image.new("RGB", (len(mixers) * pw + left, ph + top + 60), "white")
+    pen = ImageDraw.Draw(sheet)
+
+    def y_of(v):
+        return top + ph - (v - lo) / (hi - lo) * ph
+    for v in range(lo, hi + 1):
+        if v % 2 == 0:
+            pen.line([(left, y_of(v)), (left + len(mixers) * pw, y_of(v))], fill=(230, 230, 230))
+            pen.text((6, y_of(v) - 6), f"{v}", fill="black")
+    colours = {"fixed": (31, 119, 180), "reorder": (255, 127, 14), "control": (120, 120, 120)}
+    for k, m in enumerate(mixers):
+        x0 = left + k * pw
+        pen.rectangle([x0, top, x0 + pw, top + ph], outline="black")
+        pen.text((x0 + 8, top - 18), "full attention (control)" if m == "full" else m,
+                 fill="black")
+        groups = ("control",) if m == "full" else ("fixed", "reorder")
+        for j, name in enumerate(reorder.ORDERS):
+            xc = x0 + (j + 0.5) * pw / len(reorder.ORDERS)
+            pen.text((xc - 18, top + ph + 6 + 12 * (j % 2)), name[:8], fill="black")
+            for g, group in enumerate(groups):
+                vals = list(table(rows, group, m).get(name, {}).values())
+                if not vals:
+                    continue
+                x = xc + (g - (len(groups) - 1) / 2) * 14
+                mean, sd = statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0
+                pen.line([(x, y_of(mean - sd)), (x, y_of(mean + sd))], fill=colours[group],
+                         width=2)
+                pen.ellipse([x - 4, y_of(mean) - 4, x + 4, y_of(mean) + 4], fill=colours[group])
+    pen.text((left, top + ph + 36), "val top-1 (%), mean ± std over seeds:  blue = fixed order,"
+             "  orange = REOrder started from it,  grey = full attention", fill="black")
+    sheet.save(path, format="PNG", optimize=True)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--groups", default="fixed,full,learn,pairs", help="comma-separated: fixed, full, learn, pairs")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--groups", default=",".join(GROUPS), help="comma-separated: "
+                    + ", ".join(GROUPS))
     ap.add_argument("--out", default="runs/sweep")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
-    ap.add_argument("--report", action="store_true", help="only rebuild results.md / results.csv")
+    ap.add_argument("--report", action="store_true", help="only rebuild the tables and picture")
+    ap.add_argument("--figure", default=os.path.join(ROOT, "figures", "results.png"))
     args = ap.parse_args(argv)
     groups = set(args.groups.split(","))
-    if groups - {"fixed", "full", "learn", "pairs"}:
-        ap.error(f"unknown group(s) {', '.join(sorted(groups - {'fixed', 'full', 'learn', 'pairs'}))}")
+    if groups - set(GROUPS):
+        ap.error(f"unknown group(s) {', '.join(sorted(groups - set(GROUPS)))}")
     os.makedirs(args.out, exist_ok=True)
     if "pairs" in groups:
-        data.save_order(os.path.join(args.out, "pair_order.pt"), data.pair_order(*PAIR_GRID), PAIR_GRID)
+        data.save_order(os.path.join(args.out, "pair_order.pt"), data.pair_order(*TASK_GRID),
+                        TASK_GRID)
     jobs = runs(groups, args.out)
     if not args.report:
         t0 = time.time()
@@ -187,7 +355,7 @@ def main(argv=None):
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda job: launch(job, log), jobs))
         log("done")
-    print(report(collect(jobs), args.out))
+    print(report(collect(jobs), args.out, args.figure))
 
 
 if __name__ == "__main__":

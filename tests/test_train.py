@@ -284,7 +284,7 @@ def fails(capsys, argv, message):
     (["--clip", "-1"], "--clip must be > 0, got -1.0"),  # clip_grad_norm_ would flip the gradient
     (["--clip", "0"], "--clip must be > 0"),
     (["--lr", "-1"], "--lr must be > 0"),
-    (["--policy-lr", "-1", "--learn-order"], "--policy-lr must be > 0"),
+    (["--policy-lr", "-1", "--learn-order"], "--policy-lr must be at least 0"),
     (["--workers", "-1"], "--workers must be at least 0"),
     (["--subset", "-5"], "--subset must be at least 1"),
     (["--subset", "0"], "--subset must be at least 1"),  # was silently "all"
