@@ -10,8 +10,9 @@ scan        the Mamba layer (width 192, d_state 16, batch 1), forward + backward
             16384: time and peak memory, and how they grow with N
 throughput  images/s of a whole training step (train.model_step: forward, backward, clip, AdamW)
             of the tiny preset at 32 x 32 / patch 4 and 224 / patch 16, for every mixer
-policy      the share of a --learn-order training step spent in the policy: Gumbel-top-k sample,
-            log-prob, REINFORCE loss and its backward, the policy's AdamW step
+policy      the cost of a --learn-order step: the model's part with K orders (one trained, the
+            others scored on the same images) against a fixed-order step, and the policy's
+            share (Gumbel-top-k sample, log-prob, REINFORCE loss and backward, SGD step)
 prior       prior.py's images/s on 1,000 Fashion-MNIST images (synthetic if not installed), 1
             and 2 workers
 A script, not a test: nothing here asserts a time.
@@ -190,34 +191,43 @@ def bench_throughput(args, device):
 
 
 def bench_policy(args, device):
-    """Model step and policy step timed separately, alternately; share = policy / (both)."""
+    """A learning step against a fixed-order step: the model's part (train on one order, score the
+    other K - 1 on the same images) and the policy's (sample, log-prob, REINFORCE, SGD), timed
+    alternately. Share = policy / (model + policy)."""
     dtype = train.amp_dtype("auto", device)
-    print(f"\n## policy share of a --learn-order step: tiny, windowed ±7, batch "
-          f"{args.train_batch}, tau 0.1")
-    print(f"{'image':>6} {'patch':>5} {'granularity':>11} | {'model ms':>9} {'policy ms':>9} "
-          f"{'policy share':>12}")
+    print(f"\n## a --learn-order step: tiny, windowed ±7, batch {args.train_batch}, tau 0.1; "
+          f"K orders per step (1 trained, K - 1 scored)")
+    print(f"{'image':>6} {'patch':>5} {'K':>2} {'granularity':>11} | {'fixed ms':>9} "
+          f"{'model ms':>9} {'x fixed':>7} {'policy ms':>9} {'policy share':>12}")
     for img_size, patch in ((32, 4), (224, 16)):
-        for granularity in ("batch", "image"):
+        for k, granularity in ((1, "batch"), (4, "batch"), (4, "image")):
             model, optimizer, images, labels = setup("tiny", img_size, patch, args.train_batch,
                                                      device, window=7)
+            n = model.num_patches
             policy = reorder.PlackettLuce.from_order(reorder.order("row", *model.grid)).to(device)
-            policy_opt = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.03)
-            ema, gen = reorder.EMABaseline(0.99), torch.Generator(device=device).manual_seed(0)
-            orders = 1 if granularity == "batch" else args.train_batch
-            perm = policy.sample(orders, 0.1, gen)[0]
-            model_step = training_step(model, optimizer, images, labels,
-                                       perm[0] if orders == 1 else perm, dtype)
+            policy_opt = train.policy_optimizer(policy, 0.1)
+            gen = torch.Generator(device=device).manual_seed(0)
+            per_image = 1 if granularity == "batch" else args.train_batch
+            perms = policy.sample(k * per_image, 0.1, gen)[0].view(k, per_image, n)
+            perms = perms[:, 0] if per_image == 1 else perms
 
-            def policy_step():  # train.py's: sample, baseline, then train.policy_update
-                sampled, _ = policy.sample(orders, 0.1, gen)
-                reward = -torch.rand(args.train_batch, device=device)
-                train.policy_update(policy, policy_opt, sampled, 0.1, reward,
-                                    ema(reward.mean().item()))
-            sec = median_times({"model": model_step, "policy": policy_step}, device, 5,
-                               budget_s=1.0)
+            def policy_step():  # train.py's: sample, rewards of the K orders, baseline, update
+                sampled = policy.sample(k * per_image, 0.1, gen)[0].view(k, per_image, n)
+                sampled = sampled[:, 0] if per_image == 1 else sampled
+                reward = -torch.rand(k, per_image, device=device).squeeze(1)
+                baseline = reorder.loo_baseline(reward) if k > 1 else reward.mean().item()
+                train.policy_update(policy, policy_opt, sampled, 0.1, reward, baseline)
+            fixed = reorder.order("row", *model.grid)[None]
+            sec = median_times({"fixed": training_step(model, optimizer, images, labels, fixed,
+                                                       dtype),
+                                "model": training_step(model, optimizer, images, labels, perms,
+                                                       dtype),
+                                "policy": policy_step}, device, 5, budget_s=1.0)
             share = 100 * sec["policy"] / (sec["model"] + sec["policy"])
-            print(f"{img_size:>6} {patch:>5} {granularity:>11} | {sec['model'] * 1e3:>9.2f} "
-                  f"{sec['policy'] * 1e3:>9.3f} {share:>11.2f}%")
+            print(f"{img_size:>6} {patch:>5} {k:>2} {granularity:>11} | "
+                  f"{sec['fixed'] * 1e3:>9.2f} {sec['model'] * 1e3:>9.2f} "
+                  f"{sec['model'] / sec['fixed']:>6.2f}x {sec['policy'] * 1e3:>9.3f} "
+                  f"{share:>11.2f}%")
 
 
 def bench_prior(args, device):
