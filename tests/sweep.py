@@ -279,12 +279,49 @@ def report(rows, out, figure=None):
                 lines.append(f"| {task} | {label} | {mean_std([r['val_top1'] for r in sel])} | "
                              f"{mean_std([r['pair_distance'] for r in sel])} | "
                              f"{mean_std([r['pairs_in_reach'] for r in sel])} |")
+    for group in ("neighbours-fixed", "neighbours-reorder"):
+        run_dir = os.path.join(out, f"{group}-window-row-s0")
+        if any(r["group"] == group and r["seed"] == 0 for r in rows):
+            lines += ["", f"The reward an order would get from the model of {group} from row "
+                      "(seed 0), on 1,000 validation images:", "",
+                      "| order | pair distance | pairs in reach | val loss | val top-1 |",
+                      "|---|---:|---:|---:|---:|"]
+            lines += [f"| {n} | {d:.2f} | {r:.2f} | {loss:.4f} | {acc:.1f} |"
+                      for n, d, r, loss, acc in sensitivity(run_dir, "neighbours")]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
     if figure and mixers:
         draw_results(rows, mixers, figure)
     return text
+
+
+def sensitivity(run_dir, task, images=1000):
+    """[(order, pair distance, pairs in reach, val loss, val top-1)] of a finished known-answer
+    run's model under orders that bring the partners from side by side to far apart: what the
+    reward of an order would be, for this model."""
+    import torch
+    import torch.nn.functional as F
+    with open(os.path.join(run_dir, "config.json")) as f:
+        model = reorder.ViT(reorder.ViTConfig(**json.load(f)["vit"]))
+    model.load_state_dict(torch.load(os.path.join(run_dir, "last.pt"), weights_only=True)["model"])
+    model.eval()
+    val = data.build_dataset(task, None, "val", 32, subset=images)
+    x = torch.stack([val[i][0] for i in range(len(val))])
+    y = torch.tensor([val[i][1] for i in range(len(val))])
+    gap = 1 if task == "neighbours" else None
+    orders = {name: reorder.order(name, *TASK_GRID) for name in reorder.ORDERS + ("random",)}
+    orders["pairing"] = data.pair_order(*TASK_GRID, gap)
+    table_rows = []
+    with torch.no_grad():
+        for name, perm in orders.items():
+            slots = perm.argsort()[data.pairs_of(*TASK_GRID, gap or TASK_GRID[0] // 2)]
+            apart = (slots[:, 0] - slots[:, 1]).abs().float()
+            logits = model(x, perm)
+            table_rows.append((name, apart.mean().item(), (apart <= 2).float().mean().item(),
+                               F.cross_entropy(logits, y).item(),
+                               100 * (logits.argmax(1) == y).float().mean().item()))
+    return sorted(table_rows, key=lambda r: r[1])
 
 
 def draw_results(rows, mixers, path):
