@@ -176,7 +176,7 @@ class PlackettLuce(nn.Module):
         return policy
 
     def log_prob(self, perm: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-        """log p(perm) under logits / tau: perm [N] -> [], [B, N] -> [B] (float32, any logits)."""
+        """log p(perm) under logits / tau: perm [..., N] -> [...] (float32, any logits)."""
         if not tau > 0:  # at tau = 0 the scores would be NaN
             raise ValueError(f"tau must be > 0, got {tau} (sample() gives the mode at tau <= 0)")
         s = self.logits.float()[check_perm(perm, self.logits.numel())] / tau
@@ -206,7 +206,8 @@ class PlackettLuce(nn.Module):
 
 def reinforce_loss(log_prob: torch.Tensor, reward: torch.Tensor, baseline) -> torch.Tensor:
     """-mean((r - b) · log p(σ)) (§5): its gradient estimates -∇ E[r] without bias when b does not
-    depend on σ. reward [B], baseline scalar or [B], log_prob [B] (an order per image) or []."""
+    depend on σ. log_prob, reward and baseline of one shape ([K] orders, [K, B] orders of each
+    image, ...), or a scalar baseline."""
     advantage = (reward - baseline).detach()
     return -(advantage * log_prob).mean()
 
