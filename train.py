@@ -850,8 +850,8 @@ def parse_args(argv=None):
       help="> 0: before learning, train on orders sampled around the start at this temperature")
     a("--orders-per-step", type=int, default=4,
       help="K orders scored on the same images each learning step (1: the paper's estimator)")
-    a("--policy-lr", type=float, default=0.1,
-      help="the policy's SGD learning rate (0: a frozen policy, a control)")
+    a("--policy-lr", type=float, default=0.01,
+      help="the policy's SGD learning rate (0: a frozen policy, a control); see README")
     a("--reward", default="xent", choices=["xent", "binary"], help="-cross-entropy, or ±1")
     a("--baseline", default=None, choices=["ema", "loo"],
       help="leave-one-out over the K orders (K > 1); with K = 1 the paper's EMA (0.99), or "
