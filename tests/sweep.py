@@ -217,7 +217,7 @@ def mean_std(values):
 # Report: tables, tests, the picture
 # --------------------------------------------------------------------------------------------------
 
-def report(rows, out, figure=None):
+def report(rows, out, figure=None, estimators=True):
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         keys = ["group", "mixer", "order", "seed", "val_top1", "seconds", "order_shift",
                 "pair_distance", "pairs_in_reach"]
@@ -291,8 +291,9 @@ def report(rows, out, figure=None):
                       "|---|---:|---:|---:|---:|"]
             lines += [f"| {n} | {d:.2f} | {r:.2f} | {loss:.4f} | {acc:.1f} |"
                       for n, d, r, loss, acc in sensitivity(run_dir, "neighbours")]
-    lines += ["", "The estimator and the optimizer alone (no model; 3 seeds):", ""]
-    lines += estimator_table()
+    if estimators:
+        lines += ["", "The estimator and the optimizer alone (no model; 3 seeds):", ""]
+        lines += estimator_table()
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)

@@ -38,7 +38,8 @@ def test_report_tables_on_known_rows(tmp_path):
                          "val_top1": 61.0 + 2 * j + seed})  # 1 point above its start, always
             rows.append({"group": "control", "mixer": "full", "order": name, "seed": seed,
                          "val_top1": 70.0 + seed})
-    text = sweep.report(rows, str(tmp_path), figure=str(tmp_path / "results.png"))
+    text = sweep.report(rows, str(tmp_path), figure=str(tmp_path / "results.png"),
+                        estimators=False)
     assert "| row | 61.00 ± 1.00 (n=3) | 62.00 ± 1.00 (n=3) | 71.00 ± 1.00 (n=3) |" in text
     assert "| mamba, fixed | 3 | 10.00 | 0.00 |" in text  # seed offsets removed: no noise left
     assert "| full attention (control) | 3 | 0.00 | 0.00 | 1.000 |" in text
