@@ -1,4 +1,5 @@
-"""REOrder, the vendorable core: patch orderings, a Plackett-Luce policy over them, a windowed ViT.
+"""REOrder, the vendorable core: patch orderings, a Plackett-Luce policy over them, and a small ViT
+whose token mixer reads the reordered sequence (windowed attention, causal attention, a Mamba scan).
 
 Paper: "REOrdering Patches Improves Vision Models" (Kutscher, Chan, Bai, Darrell, Gupta; arXiv
 2505.23751, NeurIPS 2025). This file imports only torch and the standard library and keeps no global
