@@ -173,7 +173,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ddp_ranks_agree_on_the_policy_and_on_the_logged_train_metrics(tmp_path):
+@pytest.mark.parametrize("granularity", ["image", "batch"])
+def test_two_ddp_ranks_agree_on_the_policy_and_on_the_logged_train_metrics(tmp_path, granularity):
     script = tmp_path / "ddp_run.py"
     script.write_text(
         "import os, sys, torch\n"
@@ -185,8 +186,8 @@ def test_two_ddp_ranks_agree_on_the_policy_and_on_the_logged_train_metrics(tmp_p
         "           os.path.join(summary['out'], f'rank{rank}.pt'))\n")
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(script), *TINY, "--epochs", "3", "--learn-order", "--policy-lr", "0.05",
-           "--granularity", "image", "--out", str(out)]
+           str(script), *TINY, "--epochs", "3", "--learn-order", "--policy-lr", "5",
+           "--granularity", granularity, "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -194,7 +195,9 @@ def test_two_ddp_ranks_agree_on_the_policy_and_on_the_logged_train_metrics(tmp_p
     logits = [r["logits"] for r in ranks]
     start = reorder.PlackettLuce.from_order(reorder.order("row", 4, 4)).logits.detach()
     assert torch.equal(logits[0], logits[1])
-    for name in ("train_loss", "train_top1"):  # over both ranks' images, not rank 0's alone
+    # over both ranks' images, not rank 0's alone; one order for the batch: the K rewards too
+    for name in ("train_loss", "train_top1") + (("reward", "order_spread") if granularity == "batch"
+                                                else ()):
         assert [h[name] for h in ranks[0]["history"]] == [h[name] for h in ranks[1]["history"]]
     assert not torch.allclose(logits[0], start)  # the all-reduced policy gradients did move it
     assert [m["phase"] for m in metrics(out)] == ["fixed", "learn", "finetune"]
