@@ -847,7 +847,8 @@ def parse_args(argv=None):
       help="epochs of order learning (default 30%% of --epochs)")
     a("--tau-max", type=float, default=0.2, help="peak of the triangular temperature")
     a("--fixed-tau", type=float, default=0.0,
-      help="> 0: before learning, train on orders sampled around the start at this temperature")
+      help="> 0: before learning, train on orders sampled around the start at this temperature "
+           "(100: random orders), so that the model learns to read other orders than its start")
     a("--orders-per-step", type=int, default=4,
       help="K orders scored on the same images each learning step (1: the paper's estimator)")
     a("--policy-lr", type=float, default=0.01,
@@ -871,7 +872,8 @@ def parse_args(argv=None):
     a("--device", default="auto", choices=["auto", "cuda", "cpu"])
     a("--seed", type=int, default=0)
     a = ap.add_argument_group("output").add_argument
-    a("--out", default=None, help="run folder (default runs/<data>-<order>[-learn]-s<seed>)")
+    a("--out", default=None,
+      help="run folder (default runs/<data>-<order>[-<mixer>][-learn]-s<seed>)")
     a("--resume", action="store_true", help="continue the run in --out from its last.pt")
     a("--save-every", type=int, default=500,
       help="also checkpoint every N steps within an epoch (0 = off)")
