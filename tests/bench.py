@@ -147,11 +147,12 @@ def bench_scan(args, device):
               f"{results[b][1] / max(results[a][1], 1):.2f}x")
 
 
-def training_step(model, optimizer, images, labels, perm, dtype):
-    """train.model_step on fixed inputs: forward, cross-entropy, backward, clip 5, AdamW."""
+def training_step(model, optimizer, images, labels, perms, dtype):
+    """train.model_step on fixed inputs: train on perms[0], score perms[1:] (train.py's K orders),
+    cross-entropy, backward, clip 5, AdamW."""
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler(images.device.type, enabled=dtype == torch.float16)
-    return lambda: train.model_step(model, optimizer, scheduler, scaler, images, labels, perm,
+    return lambda: train.model_step(model, optimizer, scheduler, scaler, images, labels, perms,
                                     dtype, 5.0)
 
 
@@ -180,8 +181,8 @@ def bench_throughput(args, device):
         for name, cfg in MIXER_CASES.items():
             model, optimizer, images, labels = setup("tiny", img_size, patch, args.train_batch,
                                                      device, **cfg)
-            perm = reorder.order("row", *model.grid)
-            fns[name] = training_step(model, optimizer, images, labels, perm, dtype)
+            row = reorder.order("row", *model.grid)
+            fns[name] = training_step(model, optimizer, images, labels, [row], dtype)
         sec = median_times(fns, device, 3, budget_s=1.0)
         ips = {name: args.train_batch / s for name, s in sec.items()}
         base = ips["window ±7"]
