@@ -98,6 +98,7 @@ def peak_bytes(n, window, kind, args, device):
         base = torch.cuda.memory_allocated()
         fn()
         return torch.cuda.max_memory_allocated() - base
+    case_fn(kind, 16, window and min(window, 4), args, device)[0]()  # load kernels, allocators
     base = rss_bytes()
     fn()
     return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base, 0)
