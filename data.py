@@ -339,6 +339,10 @@ class PairImages(Dataset):
     whichever pairs an order brings together); w slots apart in row-major, 1 in column-major.
     `pair_order` puts the partners side by side. Generated from the index alone; a horizontal
     flip keeps the label.
+    Answers: the pairing order reaches ~100%. An order-blind reader can still count dark
+    patches: with every pair differing, label 1 has exactly half of them dark, label 0 only with
+    probability C(32, 16) / 2^32 = 14% (8 x 8 grid), so counting alone gives 92.45% on
+    neighbours' 2,000 validation images (58.55% on pairs'): only reading pairs beats that.
     """
 
     num_classes = 2
