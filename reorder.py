@@ -190,11 +190,14 @@ class PlackettLuce(nn.Module):
 
         An exact Plackett-Luce sample with logits s / tau, scored under the same logits. tau <= 0
         gives the mode for every row and a zero log-prob (no sampling, no policy gradient).
+        The noise is drawn on the generator's device, so a CPU generator gives the same orders
+        whatever device the logits are on.
         """
         n = self.logits.numel()
         if tau <= 0:
             return self.mode().expand(batch_size, n).clone(), self.logits.new_zeros(batch_size)
-        u = torch.rand(batch_size, n, device=self.logits.device, generator=generator)
+        device = generator.device if generator is not None else self.logits.device
+        u = torch.rand(batch_size, n, device=device, generator=generator).to(self.logits.device)
         tiny = torch.finfo(u.dtype).tiny
         gumbel = -torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-7)))  # never log(0)
         perm = torch.argsort(self.logits.detach().float() / tau + gumbel, dim=-1, descending=True)
@@ -209,6 +212,9 @@ def reinforce_loss(log_prob: torch.Tensor, reward: torch.Tensor, baseline) -> to
     """-mean((r - b) · log p(σ)) (§5): its gradient estimates -∇ E[r] without bias when b does not
     depend on σ. log_prob, reward and baseline of one shape ([K] orders, [K, B] orders of each
     image, ...), or a scalar baseline."""
+    if reward.shape != log_prob.shape:  # broadcasting [K] against [K, 1] would be silently wrong
+        raise ValueError(f"reward {list(reward.shape)} and log_prob {list(log_prob.shape)} must "
+                         f"have one shape")
     advantage = (reward - baseline).detach()
     return -(advantage * log_prob).mean()
 

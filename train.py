@@ -393,8 +393,9 @@ class Progress:
 
 
 class RandomStreams:
-    """The random streams a resumed run continues: torch's CPU and CUDA generators (data order,
-    flips, dropout-free model init) and the policy's sampling generator."""
+    """The random streams a resumed run continues: torch's global CPU and CUDA generators and the
+    policy's sampling generator (a CPU one; data order and flips are functions of seed, epoch and
+    index, not of these)."""
 
     def __init__(self, device, policy_gen):
         self.device, self.policy_gen = device, policy_gen
@@ -468,7 +469,8 @@ def resume(state, ckpt, args, rank, schedule):
     on (--clip, --amp, --device, --compile are read from args anyway) and are returned as
     {flag: [before, after]} for metrics.jsonl."""
     for name, obj in state.items():
-        obj.load_state_dict(ckpt[name])
+        if name != "scaler" or ckpt[name]:  # a run without fp16 saved no scaler: start a fresh one
+            obj.load_state_dict(ckpt[name])
     optimizer, scheduler = state["optimizer"], state["scheduler"]
     policy_opt = state.get("policy_opt")
     scheduler.base_lrs = [args.lr]
@@ -662,7 +664,7 @@ def train(args):
         policy = reorder.PlackettLuce.from_order(start_perm.cpu()).to(device)  # fp32 under AMP
         policy_opt = policy_optimizer(policy, args.policy_lr)
     ema = reorder.EMABaseline(0.99)
-    policy_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    policy_gen = torch.Generator().manual_seed(args.seed + 1)  # CPU: the same orders anywhere
     progress = Progress()
     state = {"model": raw_model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
              "policy": policy, "policy_opt": policy_opt, "baseline": ema,
@@ -719,7 +721,7 @@ def train(args):
                     k = args.orders_per_step if phase == "learn" else 1
                     n = 1 if args.granularity == "batch" else len(y)
                     perms = policy.sample(k * n, tau, policy_gen)[0].view(k, n, -1)
-                    perms = perms[:, 0] if n == 1 else perms
+                    perms = perms[:, 0] if args.granularity == "batch" else perms
                     if world > 1:
                         dist.broadcast(perms, 0)
                 else:

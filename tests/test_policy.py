@@ -137,6 +137,12 @@ def test_reinforce_matches_the_exact_gradient(baseline):
     assert exact.abs().max() > 10 * se.max()  # the test has the power to see a wrong gradient
 
 
+
+def test_reinforce_loss_refuses_rewards_of_another_shape_than_the_log_probs():
+    log_prob = torch.zeros(4, requires_grad=True)
+    with pytest.raises(ValueError, match="one shape"):
+        reinforce_loss(log_prob, torch.zeros(4, 1), 0.0)  # would broadcast to [4, 4]
+
 def test_ema_baseline_follows_rewards_and_round_trips():
     ema = EMABaseline(0.5)
     assert ema(2.0) == 2.0  # first step: its own mean

@@ -63,6 +63,14 @@ def test_learn_order_passes_through_all_three_phases(tmp_path, granularity, orde
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_one_image_batches_with_an_order_per_image_keep_the_image_axis(tmp_path):
+    # a batch of one image once lost its image axis: [K] log-probs met [K, 1] rewards, which
+    # broadcast to [K, K] and cancel the gradient; reinforce_loss now refuses unequal shapes
+    summary = run(tmp_path, "--epochs", "3", "--learn-order", "--order", "row", "--subset", "24",
+                  "--batch-size", "1", "--granularity", "image", "--orders-per-step", "2")
+    assert [m["phase"] for m in metrics(summary["out"])] == ["fixed", "learn", "finetune"]
+
+
 @pytest.mark.parametrize("mixer,flags,window", [("window", [], 7), ("causal", [], None),
                                                 ("causal", ["--window", "3"], 3),
                                                 ("mamba", [], None)])
