@@ -210,12 +210,15 @@ def main(argv=None):
         h, w = reorder.grid_size(args.img_size, args.patch)
         folder = os.path.dirname(args.out) or "."
         data.check_writable(folder)
+        orders = {name: reorder.order(name, h, w) for name in reorder.ORDERS}
+        for path in args.order_file:  # named by path: two runs' order.pt stay apart
+            if path in orders:
+                raise data.UsageError(f"--order-file {path} is given twice or names a built-in "
+                                      f"ordering: rename the file")
+            orders[path] = data.load_order(path, h * w)
         dataset = data.build_dataset(args.data, args.root, "train", args.img_size,
                                      patch=args.patch)
         images = sample_images(dataset, args.n, args.seed)
-        orders = {name: reorder.order(name, h, w) for name in reorder.ORDERS}
-        for path in args.order_file:
-            orders[os.path.basename(path)] = data.load_order(path, h * w)
         start = time.perf_counter()
         table = compressibility(images, args.patch, orders, args.codebook, args.seed, args.preset,
                                 args.workers)

@@ -142,6 +142,8 @@ def check_inputs(args, rank, world, out):
                       above_zero=("lr", "clip", "tau_max"))  # clip < 0 flips grads
     with as_usage_errors():
         reorder.grid_size(args.img_size, args.patch)
+    if args.fixed_tau and not args.learn_order:
+        raise UsageError("--fixed-tau samples orders from the policy: it needs --learn-order")
     if args.learn_order:
         if args.policy_start + args.policy_epochs > args.epochs:
             raise UsageError(f"--policy-start {args.policy_start} + --policy-epochs "
@@ -818,7 +820,7 @@ def parse_args(argv=None):
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument_group("data").add_argument
     a("--data", default="cifar10", choices=data.DATASETS,
-      help="pairs: the known-answer task (data.PairImages)")
+      help="pairs, neighbours: the known-answer tasks (data.PairImages)")
     a("--root", default=None,
       help="data folder (cifar10: ./data; fashion-mnist: Debian's package folder, else ./data)")
     a("--subset", type=int, default=None, help="train on a fixed random subset of K images")
@@ -836,7 +838,7 @@ def parse_args(argv=None):
       help="token mixer: window (Longformer, default), causal (Transformer-XL), mamba (a scan)")
     a("--window", type=window_arg, default="auto",
       help="window: attention reaches ±window slots (default 7, the paper's; none = full "
-           "attention); causal: the window earlier slots (default none: all); mamba: unused")
+           "attention); causal: the window earlier slots (default none: all); mamba: not allowed")
     a("--order", default="row", help=f"initial order: {', '.join(reorder.ORDERS)}, random, prior "
                                      f"(prior.py's pick on a training sample), or a saved order.pt")
     a("--prior-n", type=int, default=512, help="images sampled for --order prior")

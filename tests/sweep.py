@@ -4,7 +4,7 @@
     python tests/sweep.py --groups neighbours,pairs # only the known-answer tasks
     python tests/sweep.py --report                  # only rebuild the tables and the picture
 
-Groups (each a set of train.py runs, one thread each, BUDGET below):
+Groups (each a set of train.py runs, one thread each; the budgets are FMNIST and TASK below):
   fixed       Fashion-MNIST, each mixer (window, causal, mamba) on each of the six orderings
   control     the same with full attention: order-invariant in exact arithmetic, so its spread
               across orderings is the noise floor

@@ -281,6 +281,7 @@ def fails(capsys, argv, message):
     (["--window", "wide"], "expected an integer or none"),
     (["--mixer", "mamba", "--window", "3"], "--window does not apply to --mixer mamba"),
     (["--mixer", "rnn"], "argument --mixer: invalid choice: 'rnn'"),
+    (["--fixed-tau", "100"], "--fixed-tau samples orders from the policy: it needs --learn-order"),
     (["--learn-order", "--orders-per-step", "1", "--baseline", "loo"],
      "--baseline loo with --orders-per-step 1 needs --granularity image"),
     (["--learn-order", "--baseline", "ema"],
