@@ -321,10 +321,16 @@ def pair_order(h, w, gap=None):
     return pairs_of(h, w, gap or h // 2).flatten()
 
 
+def pair_gaps(perm, h, w, gap=None):
+    """How many slots apart the two patches of each pair sit in the order(s) perm:
+    [..., N] -> [..., pairs]."""
+    slots, pairs = perm.argsort(-1), pairs_of(h, w, gap or h // 2)  # slots: where each patch sits
+    return (slots[..., pairs[:, 0]] - slots[..., pairs[:, 1]]).abs().float()
+
+
 def pair_distance(perm, h, w, gap=None):
-    """Mean number of slots between the two patches of a pair in the sequence `perm`."""
-    slots = perm.argsort()[pairs_of(h, w, gap or h // 2)]  # [pairs, 2]: where each partner sits
-    return (slots[:, 0] - slots[:, 1]).abs().float().mean().item()
+    """Mean number of slots between the two patches of a pair: [..., N] -> [...]."""
+    return pair_gaps(perm, h, w, gap).mean(-1)
 
 
 class PairImages(Dataset):

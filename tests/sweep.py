@@ -140,8 +140,7 @@ def collect(jobs):
         if flag(args, "--data") in ("pairs", "neighbours"):
             gap = 1 if flag(args, "--data") == "neighbours" else None
             perm = data.load_order(os.path.join(run_dir, "order.pt"), TASK_GRID[0] * TASK_GRID[1])
-            slots = perm.argsort()[data.pairs_of(*TASK_GRID, gap or TASK_GRID[0] // 2)]
-            apart = (slots[:, 0] - slots[:, 1]).abs().float()
+            apart = data.pair_gaps(perm, *TASK_GRID, gap)
             row["pair_distance"] = round(apart.mean().item(), 2)
             row["pairs_in_reach"] = round((apart <= 2).float().mean().item(), 3)
         rows.append(row)
@@ -321,8 +320,7 @@ def sensitivity(run_dir, task, images=1000):
     table_rows = []
     with torch.no_grad():
         for name, perm in orders.items():
-            slots = perm.argsort()[data.pairs_of(*TASK_GRID, gap or TASK_GRID[0] // 2)]
-            apart = (slots[:, 0] - slots[:, 1]).abs().float()
+            apart = data.pair_gaps(perm, *TASK_GRID, gap)
             logits = model(x, perm)
             table_rows.append((name, apart.mean().item(), (apart <= 2).float().mean().item(),
                                F.cross_entropy(logits, y).item(),
@@ -338,12 +336,10 @@ def estimator_table(steps=500, seeds=(0, 1, 2)):
     do the patches move (mean slots from row-major)?"""
     import torch
     import train
-    pairs = data.pairs_of(8, 8, 4)
     row = reorder.order("row", 8, 8)
 
     def distance(perms):
-        slots = perms.argsort(-1)
-        return (slots[..., pairs[:, 0]] - slots[..., pairs[:, 1]]).abs().float().mean(-1)
+        return data.pair_distance(perms, 8, 8)
 
     def run(k, optimizer, lr, seed, signal):
         g = torch.Generator().manual_seed(seed)
