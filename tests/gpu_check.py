@@ -8,8 +8,9 @@ Rows: forward + backward of a small ViT (width 96, depth 2, 64 patches, batch 8,
 per image) for each mixer, in float32 and under bf16 / fp16 autocast, against the same model in
 float32 on the CPU: the largest difference of the logits relative to the largest CPU logit, and
 the norm of the difference of all gradients relative to the norm of the CPU gradients. Then
-torch.compile against eager on the device, and train.main for one epoch of every phase of the
-curriculum with --amp and --compile on synthetic data, per mixer.
+torch.compile against eager on the device, the policy's samples against the CPU's, and train.main
+for one epoch of every phase of the curriculum with --amp and --compile on synthetic data, per
+mixer.
 """
 import argparse
 import copy
@@ -80,6 +81,16 @@ def check_mixers(device, rows):
         rows.append((f"{name}: torch.compile vs eager", f"{err:.1e} (limit 1e-4)", err < 1e-4))
 
 
+def check_policy(device, rows):
+    """The policy's samples come from a CPU generator, so a run samples the same orders on any
+    device (and --resume may change --device)."""
+    start = reorder.order("hilbert", 8, 8)
+    orders = [reorder.PlackettLuce.from_order(start).to(d).sample(
+        16, 0.2, torch.Generator().manual_seed(0))[0].cpu() for d in ("cpu", device)]
+    rows.append(("policy: samples on the device vs CPU, same CPU generator",
+                 "identical" if torch.equal(*orders) else "differ", torch.equal(*orders)))
+
+
 def check_training(device, rows):
     amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp16"
     for name, cfg in MIXERS.items():
@@ -116,6 +127,7 @@ def main():
     print(f"# {name}, torch {torch.__version__}")
     rows = []
     check_mixers(device, rows)
+    check_policy(device, rows)
     check_training(device, rows)
     width = max(len(r[0]) for r in rows)
     print(f"| {'check':<{width}} | result | |\n|{'-' * (width + 2)}|---|---|")
