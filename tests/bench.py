@@ -19,7 +19,6 @@ A script, not a test: nothing here asserts a time.
 """
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,13 @@ import prior  # noqa: E402
 import data  # noqa: E402
 import reorder  # noqa: E402
 import train  # noqa: E402
+
+
+def high_water_bytes():
+    """This process image's peak resident memory (VmHWM). Not getrusage's ru_maxrss: Linux keeps
+    that across exec, so a child of a large parent reports the parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def rss_bytes():
@@ -101,14 +107,19 @@ def peak_bytes(n, window, kind, args, device):
     case_fn(kind, 16, window and min(window, 4), args, device)[0]()  # load kernels, allocators
     base = rss_bytes()
     fn()
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base, 0)
+    return max(high_water_bytes() - base, 0)
 
 
 def peak_in_fresh_process(n, window, kind, args):
     cmd = [sys.executable, __file__, "--peak", str(n), str(window), kind, "--batch",
            str(args.batch), "--dim", str(args.dim), "--heads", str(args.heads), "--device",
            args.device]
-    return int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
+    # glibc moves its mmap threshold as memory is freed, so later tensors may land on the heap and
+    # the peak RSS would depend on the order of allocations; a fixed threshold maps every large
+    # tensor afresh and returns it when freed, so the peak is that of live memory (repeatable)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    return int(subprocess.run(cmd, check=True, capture_output=True, text=True,
+                              env=env).stdout.split()[-1])
 
 
 def bench_attention(args, device):
