@@ -325,6 +325,13 @@ def model_step(model, optimizer, scheduler, scaler, images, labels, perms, dtype
     return logits, losses, loss_value
 
 
+def sample_orders(policy, k, tau, generator, images=None):
+    """K orders from the policy at temperature tau (Gumbel-top-k): one for the batch [K, N], or
+    one per image [K, images, N]."""
+    perms = policy.sample(k * (images or 1), tau, generator)[0]
+    return perms.view(k, -1) if images is None else perms.view(k, images, -1)
+
+
 def policy_optimizer(policy, lr):
     """SGD, not the paper's AdamW. Adam scales every step to about lr whatever the gradient's
     size, so rewards that cannot tell orders apart (a model that does not yet use the order, or
@@ -721,9 +728,8 @@ def train(args):
                 #    the start order (or samples around it at --fixed-tau); after, the mode
                 if tau > 0:
                     k = args.orders_per_step if phase == "learn" else 1
-                    n = 1 if args.granularity == "batch" else len(y)
-                    perms = policy.sample(k * n, tau, policy_gen)[0].view(k, n, -1)
-                    perms = perms[:, 0] if args.granularity == "batch" else perms
+                    perms = sample_orders(policy, k, tau, policy_gen,
+                                          None if args.granularity == "batch" else len(y))
                     if world > 1:
                         dist.broadcast(perms, 0)
                 else:

@@ -216,18 +216,15 @@ def bench_policy(args, device):
         for k, granularity in ((1, "batch"), (4, "batch"), (4, "image")):
             model, optimizer, images, labels = setup("tiny", img_size, patch, args.train_batch,
                                                      device, window=7)
-            n = model.num_patches
             policy = reorder.PlackettLuce.from_order(reorder.order("row", *model.grid)).to(device)
             policy_opt = train.policy_optimizer(policy, 0.1)
-            gen = torch.Generator(device=device).manual_seed(0)
-            per_image = 1 if granularity == "batch" else args.train_batch
-            perms = policy.sample(k * per_image, 0.1, gen)[0].view(k, per_image, n)
-            perms = perms[:, 0] if per_image == 1 else perms
+            gen = torch.Generator().manual_seed(0)  # a CPU one, as train.py's
+            per_image = None if granularity == "batch" else args.train_batch
+            perms = train.sample_orders(policy, k, 0.1, gen, per_image)
 
             def policy_step():  # train.py's: sample, rewards of the K orders, baseline, update
-                sampled = policy.sample(k * per_image, 0.1, gen)[0].view(k, per_image, n)
-                sampled = sampled[:, 0] if per_image == 1 else sampled
-                reward = -torch.rand(k, per_image, device=device).squeeze(1)
+                sampled = train.sample_orders(policy, k, 0.1, gen, per_image)
+                reward = -torch.rand(sampled.shape[:-1], device=device)
                 baseline = reorder.loo_baseline(reward) if k > 1 else reward.mean().item()
                 train.policy_update(policy, policy_opt, sampled, 0.1, reward, baseline)
             fixed = reorder.order("row", *model.grid)[None]
