@@ -134,7 +134,7 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
 def check_perm(perm: torch.Tensor, n: int, batch: Optional[int] = None) -> torch.Tensor:
     """`perm` if each of its rows is a permutation of 0..n-1, shape [..., n]; for a batch of
     `batch` images, [n] (one order for all) or [batch, n] (one per image). Else a one-line
-    ValueError. Costs one sort: nothing beside a forward pass."""
+    ValueError. Costs one sort, and on a GPU one wait for the host's answer."""
     shape = f"[{n}] or [{batch}, {n}]" if batch is not None else f"[..., {n}]"
     if (perm.dtype != torch.long or perm.dim() < 1 or perm.shape[-1] != n
             or (batch is not None and perm.shape not in ((n,), (batch, n)))):
@@ -447,7 +447,8 @@ class Mamba(nn.Module):
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = self.dt_proj(dt)
         with torch.autocast(x.device.type, enabled=False):  # the scan in float32
-            dt, x32, B, C = F.softplus(dt.float()), x.float(), B.float(), C.float()  # [B, L, E]
+            # dt, x32: [B, L, E]; B, C: [B, L, S]
+            dt, x32, B, C = F.softplus(dt.float()), x.float(), B.float(), C.float()
             A = -torch.exp(self.A_log.float())  # [E, S]
             h = selective_scan(torch.exp(dt[..., None] * A),  # [B, L, E, S]
                                (dt * x32)[..., None] * B[:, :, None, :])

@@ -312,7 +312,7 @@ def model_step(model, optimizer, scheduler, scaler, images, labels, perms, dtype
     logits = torch.stack([x.detach().float() for x in logits])
     losses = F.cross_entropy(logits.flatten(0, 1), labels.repeat(len(logits)),
                              reduction="none").view(len(logits), -1)
-    loss_value = loss.item()  # the step's one host sync for the loss
+    loss_value = loss.item()  # read before the backward pass: a NaN never touches the weights
     if math.isfinite(loss_value):
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
