@@ -211,6 +211,8 @@ def test_neighbours_label_says_whether_each_even_row_is_inverted_in_the_row_belo
         image, label = task[i]
         bits = read_bits(image, 4)
         assert int((bits[0::2] != bits[1::2]).sum()) == (32 if label else 0)
+        # no counting shortcut: half of all patches dark, and half of the first patches, either label
+        assert int(bits.sum()) == 32 and int(bits[0::2].sum()) == 16
 
 
 def test_classes_are_balanced_and_each_half_alone_is_uniform():
