@@ -6,6 +6,7 @@ exactly the images it would have seen, whatever the number of loader workers. Ba
 UsageError, which both command lines print as one line with exit status 2.
 """
 import argparse
+import ctypes
 import gzip
 import hashlib
 import io
@@ -30,6 +31,18 @@ FMNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mni
 MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
             "fashion-mnist": ((0.2860,), (0.3530,)),
             "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}  # ImageNet's, also fMoW's
+
+
+def keep_freed_memory():
+    """glibc (Linux): keep freed memory in the process for the next step, instead of handing it
+    back to the kernel. By default every allocation over 32 MiB gets fresh pages, which the kernel
+    zeroes page by page on first touch: long sequences then spend most of their time in page
+    faults (tests/bench.py measures it). Process-wide, so train.py, prior.py and bench.py call it
+    at start-up; reorder.py keeps no global state. Elsewhere a no-op."""
+    with suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: never serve a block by mmap
+        libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD: glibc reads -1 as SIZE_MAX, never trim the heap
 
 
 class UsageError(ValueError):
