@@ -28,7 +28,7 @@ import train  # noqa: E402
 
 MIXERS = {"window ±2": dict(mixer="window", window=2), "full": dict(window=None),
           "causal": dict(mixer="causal", window=None), "causal ±2": dict(mixer="causal", window=2),
-          "mamba": dict(mixer="mamba")}
+          "mamba": dict(mixer="mamba"), "bimamba": dict(mixer="bimamba")}
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 
 
@@ -95,7 +95,7 @@ def check_training(device, rows):
     amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp16"
     for name, cfg in MIXERS.items():
         flags = ["--mixer", cfg.get("mixer", "window")]
-        if cfg.get("mixer") != "mamba":
+        if "window" in cfg:
             flags += ["--window", str(cfg["window"]).lower()]
         with tempfile.TemporaryDirectory() as out:
             t0 = time.time()
