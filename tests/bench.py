@@ -1,13 +1,19 @@
 """Benchmarks (README "Results"): one run prints a table per section, each with its ratios.
 
     python tests/bench.py                        # every section
-    python tests/bench.py --only attention,scan  # or throughput, policy, prior (comma-separated)
+    python tests/bench.py --only attention,scan  # or any sections below (comma-separated)
+    python tests/bench.py --tiny                 # every section at tiny sizes (a smoke test)
 
 attention   windowed vs dense masked attention, forward + backward, N = 197 (±7), 1024, 4096,
             16384 (±64): time (the kinds run alternately, median) and peak memory (a fresh
             process per case)
-scan        the Mamba layer (width 192, d_state 16, batch 1), forward + backward, N = 1024, 4096,
-            16384: time and peak memory, and how they grow with N
+scan        the Mamba layers (width 192, d_state 16, batch 1), forward + backward: mamba and
+            bimamba at N = 196, 1024, 4096; mamba at 16384; time, peak memory, growth with N
+recurrence  reorder.selective_scan against a plain autograd loop and mambapy's pscan (if
+            installed), forward + backward, E = 192, S = 16, B = 1, 8, 32, L = 64 .. 4096
+faults      time per 4x tokens without and with data.keep_freed_memory() (each in a fresh
+            process, as mallopt cannot be undone): windowed attention 4096 -> 16384, the mamba
+            layer 1024 -> 4096 -> 16384
 throughput  images/s of a whole training step (train.model_step: forward, backward, clip, AdamW)
             of the tiny preset at 32 x 32 / patch 4 and 224 / patch 16, for every mixer
 policy      the cost of a --learn-order step: the model's part with K orders (one trained, the
@@ -15,10 +21,13 @@ policy      the cost of a --learn-order step: the model's part with K orders (on
             share (Gumbel-top-k sample, log-prob, REINFORCE loss and backward, SGD step)
 prior       prior.py's images/s on 1,000 Fashion-MNIST images (synthetic if not installed), 1
             and 2 workers
-A script, not a test: nothing here asserts a time.
+A script, not a test: nothing here asserts a time (tests/test_model.py runs --tiny). The main
+process calls data.keep_freed_memory(), as train.py does. Sizes above are the full run's.
 """
 import argparse
+import inspect
 import os
+import math
 import statistics
 import subprocess
 import sys
@@ -86,9 +95,11 @@ def median_times(fns, device, repeats, budget_s=2.0):
 def case_fn(kind, n, window, args, device):
     """(the step to time, its inputs): an attention kind on [batch, heads, 1+n, d], or "scan", the
     Mamba layer on [1, n, width]."""
-    if kind == "scan":
+    if kind in ("scan", "bimamba"):  # N patches on a square-ish grid, no CLS
         torch.manual_seed(0)
-        layer = reorder.Mamba(args.dim).to(device)
+        h = next(d for d in range(math.isqrt(n), 0, -1) if n % d == 0)
+        layer = reorder.Mamba(args.dim, directions=1 if kind == "scan" else 4,
+                              grid=(h, n // h)).to(device)
         x = torch.randn(1, n, args.dim, device=device, requires_grad=True)
         return (lambda: layer(x).sum().backward()), x
     q, k, v = inputs(n, args.batch, args.dim, args.heads, device)
@@ -122,13 +133,68 @@ def peak_in_fresh_process(n, window, kind, args):
                               env=env).stdout.split()[-1])
 
 
+def time_in_fresh_process(n, window, kind, args, keep):
+    """Median seconds of a case in a fresh process that calls data.keep_freed_memory() or not."""
+    cmd = [sys.executable, __file__, "--time", str(n), str(window), kind, "--batch",
+           str(args.batch), "--dim", str(args.dim), "--heads", str(args.heads), "--device",
+           args.device, "--repeats", str(args.repeats)] + (["--keep"] if keep else [])
+    return float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
+
+
+def bench_faults(args, device):
+    print(f"\n## page faults: forward + backward, median of >= {args.repeats} runs, each case in a "
+          f"fresh process without / with data.keep_freed_memory()")
+    print(f"{'case':>16} {'N':>6} | {'before ms':>10} {'after ms':>9} | {'before x':>8} "
+          f"{'after x':>7} (per 4x tokens)")
+    for kind, window, ns in (("windowed", 64, args.fault_attention), ("scan", None, args.fault_scan)):
+        last = None
+        for n in ns:
+            now = [time_in_fresh_process(n, window, kind, args, keep) for keep in (False, True)]
+            growth = (f"{now[0] / last[0]:>7.2f}x {now[1] / last[1]:>6.2f}x" if last
+                      else f"{'':>8} {'':>7}")
+            name = "attention ±64" if kind == "windowed" else "mamba layer"
+            print(f"{name:>16} {n:>6} | {now[0] * 1e3:>10.1f} {now[1] * 1e3:>9.1f} | {growth}")
+            last = now
+
+
+def bench_recurrence(args, device):
+    try:
+        from mambapy.pscan import pscan  # measured only, not a dependency
+    except ImportError:
+        pscan = None
+
+    def loop(a, b):  # the plain autograd loop (unbind: its backward is linear in L)
+        h, out = torch.zeros_like(b[:, 0]), []
+        for a_t, b_t in zip(a.unbind(1), b.unbind(1)):
+            h = a_t * h + b_t
+            out.append(h)
+        return torch.stack(out, 1)
+    fns = {"scan": reorder.selective_scan, "loop": loop, **({"pscan": pscan} if pscan else {})}
+    print(f"\n## the recurrence h_t = a_t h_(t-1) + b_t: a, b [B, L, {args.dim}, 16], forward + "
+          f"backward, median of >= 3 alternating runs{'' if pscan else ' (mambapy not installed)'}")
+    print(f"{'B':>3} {'L':>5} | " + " ".join(f"{k + ' ms':>9}" for k in fns) + " | "
+          + " ".join(f"{k + '/scan':>10}" for k in fns if k != "scan"))
+    for batch in args.rec_batch:
+        for n in args.rec_len:
+            g = torch.Generator().manual_seed(0)
+            a = torch.rand(batch, n, args.dim, 16, generator=g).to(device).requires_grad_()
+            b = torch.randn(batch, n, args.dim, 16, generator=g).to(device).requires_grad_()
+
+            def run(fn):
+                return lambda: torch.autograd.grad(fn(a, b).sum(), (a, b))
+            sec = median_times({k: run(fn) for k, fn in fns.items()}, device, 3, budget_s=1.0)
+            print(f"{batch:>3} {n:>5} | " + " ".join(f"{sec[k] * 1e3:>9.1f}" for k in fns) + " | "
+                  + " ".join(f"{sec[k] / sec['scan']:>9.2f}x" for k in fns if k != "scan"))
+            del a, b
+
+
 def bench_attention(args, device):
     print(f"\n## attention: batch {args.batch}, width {args.dim}, {args.heads} heads; forward + "
           f"backward, median of >= {args.repeats} alternating runs")
     print(f"{'N':>6} {'window':>6} | {'windowed ms':>11} {'dense ms':>9} {'speed-up':>8} | "
           f"{'windowed MiB':>12} {'dense MiB':>9}")
     results = {}
-    for n, window in [(197, 7), (1024, 64), (4096, 64), (16384, 64)]:
+    for n, window in args.attention_sizes:
         kinds = ["windowed", "dense"] if n <= args.dense_max else ["windowed"]
         sec = median_times({kind: case_fn(kind, n, window, args, device)[0] for kind in kinds},
                            device, args.repeats)
@@ -139,24 +205,25 @@ def bench_attention(args, device):
         dense_mib = f"{peak['dense'] / 2**20:>9.1f}" if "dense" in peak else f"{'-':>9}"
         print(f"{n:>6} {window:>6} | {sec['windowed'] * 1e3:>11.2f} {dense} | "
               f"{peak['windowed'] / 2**20:>12.1f} {dense_mib}")
-    (t4, m4), (t16, m16) = results[4096], results[16384]
-    print(f"windowed 16384 / 4096 (4x the tokens): time {t16 / t4:.2f}x, peak memory "
-          f"{m16 / max(m4, 1):.2f}x")
+    (n4, (t4, m4)), (n16, (t16, m16)) = list(results.items())[-2:]
+    print(f"windowed {n16} / {n4}: time {t16 / t4:.2f}x, peak memory {m16 / max(m4, 1):.2f}x")
 
 
 def bench_scan(args, device):
-    print(f"\n## Mamba layer: batch 1, width {args.dim}, d_state 16; forward + backward, median of "
-          f">= {args.repeats} runs")
-    print(f"{'N':>6} | {'ms':>9} {'ms / 1k slots':>13} | {'MiB':>8}")
+    print(f"\n## Mamba layers: batch 1, width {args.dim}, d_state 16; forward + backward, median "
+          f"of >= {args.repeats} runs; N patches on a square grid")
+    print(f"{'layer':>8} {'N':>6} | {'ms':>9} {'ms / 1k slots':>13} | {'MiB':>8}")
     results = {}
-    for n in (1024, 4096, 16384):
-        sec = median_times({"scan": case_fn("scan", n, None, args, device)[0]}, device,
-                           args.repeats)["scan"]
-        results[n] = (sec, peak_in_fresh_process(n, None, "scan", args))
-        print(f"{n:>6} | {sec * 1e3:>9.1f} {sec * 1e6 / n:>13.2f} | {results[n][1] / 2**20:>8.1f}")
-    for a, b in ((1024, 4096), (4096, 16384)):
-        print(f"{b} / {a} (4x the slots): time {results[b][0] / results[a][0]:.2f}x, peak memory "
-              f"{results[b][1] / max(results[a][1], 1):.2f}x")
+    for kind, ns in (("scan", args.layer_sizes + args.layer_long), ("bimamba", args.layer_sizes)):
+        for n in ns:
+            sec = median_times({kind: case_fn(kind, n, None, args, device)[0]}, device,
+                               args.repeats)[kind]
+            results[kind, n] = (sec, peak_in_fresh_process(n, None, kind, args))
+            print(f"{'mamba' if kind == 'scan' else kind:>8} {n:>6} | {sec * 1e3:>9.1f} "
+                  f"{sec * 1e6 / n:>13.2f} | {results[kind, n][1] / 2**20:>8.1f}")
+    for n in args.layer_sizes:
+        print(f"bimamba / mamba at N = {n}: time "
+              f"{results['bimamba', n][0] / results['scan', n][0]:.2f}x")
 
 
 def training_step(model, optimizer, images, labels, perms, dtype):
@@ -164,7 +231,8 @@ def training_step(model, optimizer, images, labels, perms, dtype):
     cross-entropy, backward, clip 5, AdamW."""
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler(images.device.type, enabled=dtype == torch.float16)
-    return lambda: train.model_step(model, optimizer, scheduler, scaler, images, labels, perms,
+    extra = [scheduler] if "scheduler" in inspect.signature(train.model_step).parameters else []
+    return lambda: train.model_step(model, optimizer, *extra, scaler, images, labels, perms,
                                     dtype, 5.0)
 
 
@@ -178,7 +246,8 @@ def setup(preset, img_size, patch, batch, device, **cfg):
 
 
 MIXER_CASES = {"window ±7": dict(mixer="window", window=7), "full": dict(window=None),
-               "causal": dict(mixer="causal", window=None), "mamba": dict(mixer="mamba")}
+               "causal": dict(mixer="causal", window=None), "mamba": dict(mixer="mamba"),
+               "bimamba": dict(mixer="bimamba")}
 
 
 def bench_throughput(args, device):
@@ -188,7 +257,7 @@ def bench_throughput(args, device):
           f"alternating steps")
     print(f"{'image':>6} {'patch':>5} {'tokens':>6} | "
           + " ".join(f"{name:>10}" for name in MIXER_CASES) + " | vs window ±7")
-    for img_size, patch in ((32, 4), (224, 16)):
+    for img_size, patch in args.images:
         fns = {}
         for name, cfg in MIXER_CASES.items():
             model, optimizer, images, labels = setup("tiny", img_size, patch, args.train_batch,
@@ -212,7 +281,7 @@ def bench_policy(args, device):
           f"K orders per step (1 trained, K - 1 scored)")
     print(f"{'image':>6} {'patch':>5} {'K':>2} {'granularity':>11} | {'fixed ms':>9} "
           f"{'model ms':>9} {'x fixed':>7} {'policy ms':>9} {'policy share':>12}")
-    for img_size, patch in ((32, 4), (224, 16)):
+    for img_size, patch in args.images:
         for k, granularity in ((1, "batch"), (4, "batch"), (4, "image")):
             model, optimizer, images, labels = setup("tiny", img_size, patch, args.train_batch,
                                                      device, window=7)
@@ -267,8 +336,16 @@ def bench_prior(args, device):
           f"{(total[1] - codebook_s) / (total[2] - codebook_s):.2f}x on the scoring stage")
 
 
-SECTIONS = {"attention": bench_attention, "scan": bench_scan, "throughput": bench_throughput,
-            "policy": bench_policy, "prior": bench_prior}
+SECTIONS = {"attention": bench_attention, "scan": bench_scan, "recurrence": bench_recurrence,
+            "faults": bench_faults, "throughput": bench_throughput, "policy": bench_policy,
+            "prior": bench_prior}
+FULL = dict(attention_sizes=[(197, 7), (1024, 64), (4096, 64), (16384, 64)],
+            layer_sizes=[196, 1024, 4096], layer_long=[16384], rec_batch=[1, 8, 32],
+            rec_len=[64, 256, 1024, 4096], fault_attention=[4096, 16384],
+            fault_scan=[1024, 4096, 16384], images=[(32, 4), (224, 16)])
+TINY = dict(attention_sizes=[(33, 3), (64, 4)], layer_sizes=[16, 36], layer_long=[], rec_batch=[1, 2],
+            rec_len=[8, 32], fault_attention=[64, 256], fault_scan=[16, 64], images=[(16, 4)],
+            dim=16, heads=2, repeats=1, train_batch=2, prior_n=40)
 
 
 def main():
@@ -285,13 +362,25 @@ def main():
     a("--train-batch", type=int, default=None,
       help="throughput, policy: batch (32 on CPU, 128 on CUDA)")
     a("--prior-n", type=int, default=1000, help="prior: images")
+    a("--tiny", action="store_true", help="every section at tiny sizes, to check that it runs")
     a("--peak", nargs=3, metavar=("N", "WINDOW", "KIND"), help=argparse.SUPPRESS)
+    a("--time", nargs=3, metavar=("N", "WINDOW", "KIND"), help=argparse.SUPPRESS)
+    a("--keep", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    vars(args).update(TINY if args.tiny else {k: v for k, v in FULL.items()})
     device = torch.device(args.device)
+    if args.time:  # a fresh process: glibc's defaults, or keep_freed_memory() before anything
+        if args.keep:
+            data.keep_freed_memory()
+        n, window, kind = args.time
+        fn = case_fn(kind, int(n), None if window == "None" else int(window), args, device)[0]
+        print(median_times({kind: fn}, device, args.repeats)[kind])
+        return
     if args.peak:
         n, window, kind = args.peak
         print(peak_bytes(int(n), None if window == "None" else int(window), kind, args, device))
         return
+    data.keep_freed_memory()  # as train.py does; the faults section measures it
     sections = args.only.split(",")
     unknown = set(sections) - set(SECTIONS)
     if unknown:

@@ -329,3 +329,16 @@ def test_reorder_runs_alone_in_an_empty_folder(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [f"{m} (2, 10) True" for m in reorder.MIXERS]
+
+
+@pytest.mark.slow
+def test_bench_runs_at_tiny_sizes():
+    # tests/bench.py is a script nothing else runs: every section once, at tiny sizes
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "bench.py"), "--tiny"],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    for header in ("## attention", "## Mamba layers", "## the recurrence", "## page faults",
+                   "## training throughput", "## a --learn-order step", "## prior.py"):
+        assert header in out.stdout, header
+    assert "bimamba" in out.stdout
