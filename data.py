@@ -1,4 +1,5 @@
-"""The data layer that train.py and prior.py share: data sets, known-answer tasks, saved orders.
+"""The data layer that train.py and prior.py share: data sets, known-answer tasks, saved orders,
+and the command lines' checks.
 
 Every data set yields (float image [C, H, W], normalized; int label). The only random augmentation,
 the paper's horizontal flip, is a pure function of (seed, epoch, index), so a resumed run sees
@@ -10,9 +11,8 @@ import ctypes
 import gzip
 import hashlib
 import io
+import math
 import os
-import pickle
-import re
 import shutil
 import sys
 import tempfile
@@ -33,17 +33,9 @@ MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
             "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}  # ImageNet's, also fMoW's
 
 
-def keep_freed_memory():
-    """glibc (Linux): keep freed memory in the process for the next step, instead of handing it
-    back to the kernel. By default every allocation over 32 MiB gets fresh pages, which the kernel
-    zeroes page by page on first touch: long sequences then spend most of their time in page
-    faults (tests/bench.py measures it). Process-wide, so train.py, prior.py and bench.py call it
-    at start-up; reorder.py keeps no global state. Elsewhere a no-op."""
-    with suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX: never serve a block by mmap
-        libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD: glibc reads -1 as SIZE_MAX, never trim the heap
-
+# --------------------------------------------------------------------------------------------------
+# Command lines: one-line errors, checked numbers, files written whole
+# --------------------------------------------------------------------------------------------------
 
 class UsageError(ValueError):
     """Bad input: reported as one line, exit status 2, nothing overwritten."""
@@ -57,24 +49,29 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def number(cast=float, low=None, above=None, high=None):
+    """An argparse type: cast(text), finite, >= low, > above, <= high; else a one-line error."""
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if cast is int else 'a number'}"
+                                             f", got {text!r}") from None
+        for bad, rule in ((not math.isfinite(value), "finite"),
+                          (low is not None and value < low, f"at least {low}"),
+                          (above is not None and not value > above, f"> {above}"),
+                          (high is not None and value > high, f"at most {high}")):
+            if bad:
+                raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    return parse
+
+
 def one_line(e):
     """An exception as "Type: message" on one line, shortened, for the one-line errors."""
     text = " ".join(str(e).split())
     text = text if len(text) <= 160 else text[:157] + "..."
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def check_ranges(args, at_least=None, above_zero=()):
-    """A UsageError naming the first flag out of range: `at_least` maps flag names to their
-    minimum, `above_zero` names flags that must be > 0. A flag left at None is not checked."""
-    for name, low in (at_least or {}).items():
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-    for name in above_zero:
-        value = getattr(args, name)
-        if value is not None and not value > 0:  # NaN too
-            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
 
 
 def check_writable(folder):
@@ -93,10 +90,10 @@ def check_writable(folder):
 
 @contextmanager
 def atomic_path(path):
-    """A temporary path beside `path`, renamed onto it when the block ends: never a torn file. If
+    """A temporary path (path.tmp) renamed onto `path` when the block ends: never a torn file. If
     the block fails (a full disk, say), the temporary file is removed and `path` is kept as it was;
-    an OSError becomes one line."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    an OSError becomes one line. (One writer per folder: train.py's lock.)"""
+    tmp = f"{path}.tmp"
     try:
         yield tmp
         os.replace(tmp, path)
@@ -107,25 +104,27 @@ def atomic_path(path):
             os.remove(tmp)
 
 
-def remove_temporary_files(folder):
-    """Remove what atomic_path leaves behind when its process is killed mid-write (*.tmp<pid>);
-    only while no other process writes into `folder`."""
-    for name in os.listdir(folder):
-        if re.fullmatch(r".+\.tmp\d+", name):
-            os.remove(os.path.join(folder, name))
-
-
-def atomic_write(blob, path):
-    """Write bytes to `path` through atomic_path."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(blob)
-
-
 def atomic_save(obj, path):
-    """torch.save through atomic_path (serialized first, so that a failed write is an OSError)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write(buffer.getvalue(), path)
+    """torch.save through atomic_path; bytes are written as they are. Serialized first, so that a
+    failed write is an OSError."""
+    if not isinstance(obj, bytes):
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        obj = buffer.getvalue()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(obj)
+
+
+def keep_freed_memory():
+    """glibc (Linux): keep freed memory in the process for the next step, instead of handing it
+    back to the kernel. By default every allocation over 32 MiB gets fresh pages, which the kernel
+    zeroes page by page on first touch: long sequences then spend most of their time in page
+    faults (tests/bench.py measures it). Process-wide, so train.py, prior.py and bench.py call it
+    at start-up; reorder.py keeps no global state. Elsewhere a no-op."""
+    with suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: never serve a block by mmap
+        libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD: glibc reads -1 as SIZE_MAX, never trim the heap
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,7 +172,8 @@ class SyntheticImages(Dataset):
 
 
 class SafeImageFolder(Dataset):
-    """torchvision's ImageFolder; an unreadable image is skipped with a one-line warning (None)."""
+    """torchvision's ImageFolder; an image PIL cannot read, or refuses as too large (a decompression
+    bomb, e.g. a big fMoW tile), is skipped with a one-line warning (None)."""
 
     def __init__(self, root, transform):
         from torchvision.datasets import ImageFolder
@@ -188,9 +188,10 @@ class SafeImageFolder(Dataset):
         return len(self.folder)
 
     def __getitem__(self, i):
+        from PIL.Image import DecompressionBombError
         try:
             return self.folder[i]
-        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        except (OSError, ValueError, DecompressionBombError) as e:  # UnidentifiedImageError: OSError
             print(f"warning: skipping unreadable image {self.folder.samples[i][0]} "
                   f"({type(e).__name__})", file=sys.stderr)
             return None
@@ -277,28 +278,18 @@ def fashion_mnist(root, split, size):
 
 
 def cifar10(root, split, size):
-    """CIFAR-10's Python pickle batches in root/cifar-10-batches-py, downloaded when missing."""
+    """CIFAR-10's Python pickle batches in root/cifar-10-batches-py (torchvision's reader, which
+    also checks their MD5 sums), downloaded when missing."""
     from torchvision.datasets import CIFAR10
-    folder = os.path.join(root, "cifar-10-batches-py")
-    if not os.path.isdir(folder):
+    if not os.path.isdir(os.path.join(root, "cifar-10-batches-py")):
         download(CIFAR10, root, "CIFAR-10",
                  "pass --root to a copy, or train offline with --data fashion-mnist")
-    names = (sorted(n for n in os.listdir(folder) if n.startswith("data_batch"))
-             if split == "train" else ["test_batch"])
-    images, labels = [], []
-    for name in names:
-        try:
-            with open(os.path.join(folder, name), "rb") as f:
-                batch = pickle.load(f, encoding="latin1")
-        except (OSError, pickle.UnpicklingError, EOFError) as e:
-            raise UsageError(f"cannot read CIFAR-10 batch {os.path.join(folder, name)} "
-                             f"({e})") from None
-        pixels = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        images.append(torch.from_numpy(pixels))
-        labels.extend(batch["labels"])
-    if not images:
-        raise UsageError(f"no CIFAR-10 batches in {folder}")
-    return TensorImages(torch.cat(images), torch.tensor(labels), size, *MEAN_STD["cifar10"])
+    try:
+        found = CIFAR10(root, train=split == "train")
+    except (RuntimeError, OSError, EOFError, ValueError) as e:  # corrupt or missing batches
+        raise UsageError(f"cannot read CIFAR-10 in {root} ({one_line(e)})") from None
+    images = torch.from_numpy(found.data).permute(0, 3, 1, 2).contiguous()  # [n, 3, 32, 32]
+    return TensorImages(images, torch.tensor(found.targets), size, *MEAN_STD["cifar10"])
 
 
 def image_folder(root, split, size):
@@ -462,15 +453,51 @@ def save_order(path, perm, grid):
     atomic_save({"perm": perm.cpu(), "grid": list(grid)}, path)
 
 
-def load_order(path, n):
-    """A saved order (order.pt of a run, or a LongTensor) of n patches."""
+def load_order(path, grid):
+    """A saved order (order.pt of a run, or a LongTensor) of the h x w `grid`, checked where it
+    enters: integers, a permutation of 0..h*w-1, saved for the same grid."""
     if not os.path.isfile(path):
         raise UsageError(f"unknown order {path!r}: give one of {', '.join(reorder.ORDERS)}, "
                          f"random, prior, or the path of a saved order.pt")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
         perm = obj["perm"] if isinstance(obj, dict) else obj
-        return reorder.check_perm(perm.long(), n)
+        if isinstance(obj, dict) and list(obj.get("grid", grid)) != list(grid):
+            raise ValueError(f"it was saved for a {obj['grid'][0]} x {obj['grid'][1]} grid")
+        if perm.dtype.is_floating_point or perm.dtype.is_complex or perm.dtype == torch.bool:
+            raise ValueError(f"its values are {perm.dtype}, not integers")
+        return reorder.check_perm(perm.long(), grid[0] * grid[1])
     except Exception as e:
-        raise UsageError(f"order file {path} is not an order of {n} patches ({one_line(e)})") \
-            from None
+        raise UsageError(f"order file {path} is not an order of {grid[0]} x {grid[1]} patches "
+                         f"({one_line(e)})") from None
+
+
+VIRIDIS = torch.tensor([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]],
+                       dtype=torch.float)
+
+
+def draw_orders(path, grid, orders, columns=4):
+    """One PNG of orders ({title: perm}) side by side: each patch coloured by its slot (dark =
+    early), the path through the patch centres in white, the first patch marked red."""
+    from PIL import Image, ImageDraw
+    (h, w), cell, columns = grid, max(6, 224 // max(grid)), min(columns, len(orders))
+    pw, ph = w * cell, h * cell
+    sheet = Image.new("RGB", (columns * (pw + 12) + 12, -(-len(orders) // columns) * (ph + 30) + 12),
+                      "white")
+    pen = ImageDraw.Draw(sheet)
+    for k, (title, perm) in enumerate(orders.items()):
+        x0, y0 = 12 + (k % columns) * (pw + 12), 12 + (k // columns) * (ph + 30)
+        pen.text((x0, y0), title, fill="black")
+        x = perm.argsort().float() / max(h * w - 1, 1) * (len(VIRIDIS) - 1)  # each patch's slot
+        lo = x.floor().long().clamp(max=len(VIRIDIS) - 2)
+        colours = VIRIDIS[lo] + (x - lo)[:, None] * (VIRIDIS[lo + 1] - VIRIDIS[lo])  # [N, 3]
+        for patch, colour in enumerate(colours.round().int().tolist()):
+            r, c = divmod(patch, w)
+            pen.rectangle([x0 + c * cell, y0 + 16 + r * cell, x0 + (c + 1) * cell - 1,
+                           y0 + 16 + (r + 1) * cell - 1], fill=tuple(colour))
+        path_xy = [(x0 + (p % w) * cell + cell // 2, y0 + 16 + (p // w) * cell + cell // 2)
+                   for p in perm.tolist()]  # the patch centres in slot order
+        pen.line(path_xy, fill="white", width=max(1, cell // 10))
+        (cx, cy), dot = path_xy[0], max(2, cell // 4)
+        pen.ellipse([cx - dot, cy - dot, cx + dot, cy + dot], fill="red")
+    sheet.save(path, format="PNG", optimize=True)

@@ -21,6 +21,7 @@ import lzma
 import math
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 
@@ -110,6 +111,11 @@ def score_images(job):
     return out
 
 
+def _default_signals():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def compressibility(images: torch.Tensor, patch_size: int, orders=None, codebook: int = 256,
                     seed: int = 0, preset: int = 6, workers=None, progress: bool = True) -> dict:
     """Per-ordering compression of images [n, C, H, W] (float or uint8); a JSON-ready table (§4).
@@ -139,7 +145,9 @@ def compressibility(images: torch.Tensor, patch_size: int, orders=None, codebook
             results.append(score_images(job))
             bar.update(len(job[0]))
     else:
-        with mp.get_context().Pool(workers) as pool:
+        # workers leave Ctrl-C to the parent and die by SIGTERM, which ends the pool, even under
+        # train.py's handlers (inherited when forked)
+        with mp.get_context().Pool(workers, _default_signals) as pool:
             for result in pool.imap(score_images, jobs):
                 results.append(result)
                 bar.update(len(result))
@@ -192,13 +200,14 @@ def main(argv=None):
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="fashion-mnist", choices=data.DATASETS)
     ap.add_argument("--root", default=None, help="data folder (default: the dataset's usual place)")
-    ap.add_argument("--n", type=int, default=1000, help="images to sample from the training split")
-    ap.add_argument("--img-size", type=int, default=32)
-    ap.add_argument("--patch", type=int, default=4)
-    ap.add_argument("--codebook", type=int, default=256, help="k-means codes (the VQ vocabulary)")
+    count = data.number(int, 1)
+    ap.add_argument("--n", type=count, default=1000, help="images to sample from the training split")
+    ap.add_argument("--img-size", type=count, default=32)
+    ap.add_argument("--patch", type=count, default=4)
+    ap.add_argument("--codebook", type=count, default=256, help="k-means codes (the VQ vocabulary)")
     ap.add_argument("--preset", type=int, default=6, choices=range(10), help="LZMA preset")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workers", type=int, default=os.cpu_count(),
+    ap.add_argument("--seed", type=data.number(int, 0, high=2 ** 32 - 2), default=0)
+    ap.add_argument("--workers", type=count, default=os.cpu_count(),
                     help="processes (default: all cores)")
     ap.add_argument("--order-file", action="append", default=[],
                     help="also score a saved order (repeatable)")
@@ -206,7 +215,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     try:  # every check before loading any data
-        data.check_ranges(args, at_least={"n": 1, "codebook": 1, "workers": 1})
         h, w = reorder.grid_size(args.img_size, args.patch)
         folder = os.path.dirname(args.out) or "."
         data.check_writable(folder)
@@ -215,7 +223,7 @@ def main(argv=None):
             if path in orders:
                 raise data.UsageError(f"--order-file {path} is given twice or names a built-in "
                                       f"ordering: rename the file")
-            orders[path] = data.load_order(path, h * w)
+            orders[path] = data.load_order(path, (h, w))
         dataset = data.build_dataset(args.data, args.root, "train", args.img_size,
                                      patch=args.patch)
         images = sample_images(dataset, args.n, args.seed)

@@ -117,18 +117,22 @@ def test_same_seed_gives_identical_json_for_any_number_of_workers(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--data", "synthetic", "--n", "0"], "--n must be at least 1"),
+    (["--data", "synthetic", "--n", "0"], "argument --n: must be at least 1"),
     (["--data", "synthetic", "--img-size", "30", "--patch", "4"],
      "image size 30x30 is not divisible by patch size 4"),
     (["--data", "folder", "--root", "/nonexistent/place"],
      "data folder /nonexistent/place/train not found"),
-    (["--data", "synthetic", "--codebook", "0"], "--codebook must be at least 1, got 0"),
-    (["--data", "synthetic", "--codebook", "-3"], "--codebook must be at least 1, got -3"),
-    (["--data", "synthetic", "--workers", "0"], "--workers must be at least 1"),
+    (["--data", "synthetic", "--codebook", "0"], "argument --codebook: must be at least 1, got 0"),
+    (["--data", "synthetic", "--codebook", "-3"], "argument --codebook: must be at least 1, got -3"),
+    (["--data", "synthetic", "--workers", "0"], "argument --workers: must be at least 1"),
     (["--data", "synthetic", "--order-file", "row"], "--order-file row is given twice or names a"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
-    assert prior.main(args + ["--out", str(tmp_path / "x.json")]) == 2
+    try:
+        code = prior.main(args + ["--out", str(tmp_path / "x.json")])
+    except SystemExit as e:  # argparse's own checks
+        code = e.code
+    assert code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "x.json").exists()

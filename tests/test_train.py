@@ -37,9 +37,10 @@ def metrics(out):
                                                         ("batch", "4", "loo"),
                                                         ("image", "3", "loo")])
 def test_learn_order_passes_through_all_three_phases(tmp_path, granularity, orders, baseline):
+    # depth 2, window 1: at depth 1 CLS reads every patch once, so the order could not matter
     summary = run(tmp_path, "--epochs", "4", "--learn-order", "--order", "hilbert",
                   "--policy-lr", "5", "--granularity", granularity, "--orders-per-step", orders,
-                  "--baseline", baseline)
+                  "--baseline", baseline, "--depth", "2", "--window", "1")
     out, lines = summary["out"], metrics(summary["out"])
     assert [m["phase"] for m in lines] == ["fixed", "learn", "finetune", "finetune"]
     assert lines[0]["tau"] == 0 and lines[2]["tau"] == 0 and 0.3 < lines[1]["tau"] / 0.2 < 0.7
@@ -53,7 +54,8 @@ def test_learn_order_passes_through_all_three_phases(tmp_path, granularity, orde
     assert lines[2]["order_shift"] == lines[3]["order_shift"]  # frozen after learning
     for m in lines:
         assert 0 <= m["val_top1"] <= m["val_top5"] <= 100 and np.isfinite(m["train_loss"])
-    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "order.pt", "order.png"):
+    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "order.pt", "order.png",
+                 "train.lock"):
         assert os.path.isfile(os.path.join(out, name)), name
     saved = torch.load(os.path.join(out, "order.pt"), weights_only=True)
     assert torch.equal(saved["perm"], summary["order"]) and saved["grid"] == [4, 4]
@@ -213,7 +215,7 @@ def test_two_ddp_ranks_agree_on_the_policy_and_on_the_logged_train_metrics(tmp_p
 
 @pytest.mark.slow
 @pytest.mark.parametrize("limit,file,left", [(100, "config.json", None),
-                                             (20000, "last.pt", ["config.json"])])
+                                             (20000, "last.pt", ["config.json", "train.lock"])])
 def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, limit, file, left):
     import resource
 
@@ -225,38 +227,63 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, limit, f
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert f"cannot write {out / file} (OSError: [Errno 27] File too large)" in done.stderr
     assert (sorted(os.listdir(out)) if out.exists() else None) == left  # no empty folder
+    if left:  # issue 17, defect 6: a folder without a checkpoint has nothing to lose: usable
+        again = subprocess.run(train_cmd(out, "--epochs", "1"), capture_output=True, text=True,
+                               timeout=300)
+        assert again.returncode == 0, again.stderr
 
 
-@pytest.mark.slow
-def test_a_busy_run_folder_is_refused_with_its_pid_and_a_killed_runs_lock_is_not(tmp_path, capsys):
+def slow_run(tmp_path, argv, delay=0.3, slow="model_step"):
+    """train.py in a process of its own, each call of train.`slow` `delay` seconds slower: time
+    to act on it."""
     script = tmp_path / "slow_run.py"
     script.write_text(
         "import sys, time\n"
         f"sys.path.insert(0, {ROOT!r})\n"
         "import train\n"
-        "step = train.model_step\n"
-        "train.model_step = lambda *a: (time.sleep(0.3), step(*a))[1]  # a run that takes a while\n"
+        f"real = train.{slow}\n"
+        f"train.{slow} = lambda *a: (time.sleep({delay}), real(*a))[1]\n"
         "train.main(sys.argv[1:])\n")
+    return subprocess.Popen([sys.executable, str(script), *map(str, argv)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, proc, seconds=120):
+    deadline = time.time() + seconds
+    while not condition() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the test could act"
+
+
+@pytest.mark.slow
+def test_a_busy_run_folder_is_refused_with_its_pid_and_a_killed_runs_lock_is_not(tmp_path, capsys):
     out = tmp_path / "run"
     argv = [*TINY, "--epochs", "2", "--save-every", "2", "--out", str(out)]
-    first = subprocess.Popen([sys.executable, str(script), *argv], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "last.pt").exists() and first.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    first = slow_run(tmp_path, [*argv, "--workers", "2"])  # forked loader workers
+    wait_for(lambda: (out / "last.pt").exists(), first)
     for extra in (["--resume"], ["--seed", "1"]):  # a second run, with or without --resume
         fails(capsys, [*argv, *extra], f"in use by process {first.pid}")
-    assert first.poll() is None, "the first run ended before the second one was tried"
     first.send_signal(signal.SIGKILL)
     first.wait()
-    assert any("lock" in name for name in os.listdir(out))  # the killed run's, left behind
+    # at once (issue 17, defect 5): the workers, still alive a while, do not hold the lock
     train.main([*argv, "--resume"])
-    assert len(metrics(out)) == 2 and not any("lock" in name for name in os.listdir(out))
+    assert len(metrics(out)) == 2
+
+
+@pytest.mark.slow
+def test_a_run_still_setting_up_cannot_replace_a_run_that_finished_meanwhile(tmp_path, capsys):
+    # issue 17, defect 1: the "already holds a run" check came before the lock, so a run busy
+    # with its prior let a later run start and finish there, then replaced all of its files
+    out = tmp_path / "run"
+    slow = slow_run(tmp_path, [*TINY, "--epochs", "1", "--out", out], delay=5, slow="initial_order")
+    wait_for(lambda: (out / "train.lock").exists(), slow)  # past its checks, setting up
+    fails(capsys, [*TINY, "--epochs", "1", "--out", str(out)], f"in use by process {slow.pid}")
+    assert slow.wait(timeout=300) == 0 and len(metrics(out)) == 1
 
 
 def test_temporary_files_of_a_killed_write_are_removed_on_the_next_start(tmp_path):
     out = run(tmp_path, "--epochs", "1")["out"]
-    for name in ("last.pt.tmp4242", "metrics.jsonl.tmp17"):
+    for name in ("last.pt.tmp", "metrics.jsonl.tmp"):
         open(os.path.join(out, name), "wb").close()
     run(tmp_path, "--epochs", "1", "--resume")
     assert not [name for name in os.listdir(out) if ".tmp" in name]
@@ -277,8 +304,8 @@ def fails(capsys, argv, message):
 @pytest.mark.parametrize("extra,message", [
     (["--order", "zigzag"], "unknown order 'zigzag'"),
     (["--img-size", "30"], "image size 30x30 is not divisible by patch size 4"),
-    (["--window", "-2"], "window must be >= 0"),
-    (["--window", "wide"], "expected an integer or none"),
+    (["--window", "-2"], "argument --window: must be at least 0, got -2"),
+    (["--window", "wide"], "argument --window: expected an integer, got 'wide'"),
     (["--mixer", "mamba", "--window", "3"], "--window does not apply to --mixer mamba"),
     (["--mixer", "rnn"], "argument --mixer: invalid choice: 'rnn'"),
     (["--fixed-tau", "100"], "--fixed-tau samples orders from the policy: it needs --learn-order"),
@@ -286,32 +313,32 @@ def fails(capsys, argv, message):
      "--baseline loo with --orders-per-step 1 needs --granularity image"),
     (["--learn-order", "--baseline", "ema"],
      "--baseline ema is the estimator of --orders-per-step 1"),
-    (["--learn-order", "--orders-per-step", "0"], "--orders-per-step must be at least 1"),
     (["--epochs", "4", "--learn-order", "--policy-start", "3", "--policy-epochs", "3"],
      "exceeds --epochs 4"),
     (["--resume"], "nothing to resume"),
     (["--batch-size", "1000"], "fewer than one batch"),
     pytest.param(["--device", "cuda"], "torch sees no CUDA device", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="this machine has a CUDA device")),
-    (["--clip", "-1"], "--clip must be > 0, got -1.0"),  # clip_grad_norm_ would flip the gradient
-    (["--clip", "0"], "--clip must be > 0"),
-    (["--lr", "-1"], "--lr must be > 0"),
-    (["--policy-lr", "-1", "--learn-order"], "--policy-lr must be at least 0"),
-    (["--workers", "-1"], "--workers must be at least 0"),
-    (["--subset", "-5"], "--subset must be at least 1"),
-    (["--subset", "0"], "--subset must be at least 1"),  # was silently "all"
-    (["--val-subset", "0"], "--val-subset must be at least 1"),
-    (["--dim", "0"], "--dim must be at least 1"),
-    (["--heads", "0"], "--heads must be at least 1"),
-    (["--depth", "-1"], "--depth must be at least 1"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--learn-order", "--policy-start", "-1"], "--policy-start must be at least 0"),
-    (["--learn-order", "--tau-max", "0"], "--tau-max must be > 0"),
-    (["--learn-order", "--tau-max", "-0.2"], "--tau-max must be > 0"),
+    (["--clip", "-1"], "argument --clip: must be > 0, got -1"),  # clip_grad_norm_ would flip it
+    (["--clip", "0"], "argument --clip: must be > 0"),
+    (["--lr", "-1"], "argument --lr: must be > 0"),
     (["--learn-order", "--granularity", "image", "--orders-per-step", "1", "--baseline", "loo",
-      "--batch-size", "1"], "--baseline loo needs --batch-size 2 or more"),
-    (["--learn-order", "--fixed-tau", "-1"], "--fixed-tau must be at least 0"),
-])
+      "--batch-size", "1"], "needs --granularity image and --batch-size 2 or more"),
+    # issue 17, defect 8: these gave tracebacks, ran with NaN, or left a config.json
+    (["--weight-decay", "-5"], "argument --weight-decay: must be at least 0, got -5"),
+    (["--weight-decay", "nan"], "argument --weight-decay: must be finite, got nan"),
+    (["--seed", "1e20"], "argument --seed: expected an integer, got '1e20'"),
+    (["--seed", str(10 ** 20)], "argument --seed: must be at most"),
+    (["--learn-order", "--policy-lr", "nan"], "argument --policy-lr: must be finite, got nan"),
+    (["--learn-order", "--fixed-tau", "nan"], "argument --fixed-tau: must be finite, got nan"),
+    (["--lr", "inf"], "argument --lr: must be finite, got inf"),
+    (["--clip", "inf"], "argument --clip: must be finite, got inf"),
+] + [([f"--{flag}", value], f"argument --{flag}: must be at least {low}") for flag, value, low in [
+    ("orders-per-step", "0", 1), ("workers", "-1", 0), ("subset", "0", 1), ("val-subset", "0", 1),
+    ("dim", "0", 1), ("heads", "0", 1), ("depth", "-1", 1), ("epochs", "0", 1),
+    ("policy-start", "-1", 0), ("policy-lr", "-1", 0), ("fixed-tau", "-1", 0),
+    ("seed", "-1", 0)]] + [([f"--{flag}", value], f"argument --{flag}: must be > 0")
+                           for flag, value in [("tau-max", "0"), ("tau-max", "-0.2")]])
 def test_bad_flags(tmp_path, capsys, extra, message):
     fails(capsys, [*TINY, "--epochs", "1", "--out", str(tmp_path / "run"), *extra], message)
     assert not (tmp_path / "run").exists()
@@ -352,34 +379,52 @@ def test_corrupt_mismatched_and_existing_checkpoints(tmp_path, capsys):
     assert (tmp_path / "good" / "last.pt").read_bytes() == before
 
 
-@pytest.mark.parametrize("edit", ["no scheduler", "no start_perm", "pos_embed's shape"])
-def test_a_hand_edited_checkpoint_is_one_line(tmp_path, capsys, edit):
+EDITS = {  # a hand-edited last.pt, one epoch of two done
+    "no scheduler": lambda c: c.pop("scheduler"),
+    "no start_perm": lambda c: c.pop("start_perm"),
+    "no rng": lambda c: c.pop("rng"),
+    "no progress": lambda c: c.pop("progress"),
+    "pos_embed's shape": lambda c: c["model"].update(pos_embed=torch.zeros(1, 3, 32)),
+    # issue 17, defect 9: tracebacks, one of them after best.pt and metrics.jsonl were rewritten
+    "epoch as text": lambda c: c["progress"].update(epoch="1"),
+    "epoch past the end": lambda c: c["progress"].update(epoch=3),
+    "step too far": lambda c: c["progress"].update(done_in_epoch=8),
+    "step negative": lambda c: c["progress"].update(done_in_epoch=-1),
+    "history short": lambda c: c["progress"].update(history=[]),
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_a_hand_edited_checkpoint_is_one_line_and_nothing_is_written(tmp_path, capsys, edit):
     out = run(tmp_path, "--epochs", "2", "--save-every", "2")["out"]
     last = os.path.join(out, "last.pt")
-    ckpt = torch.load(last, weights_only=True)
-    if edit.startswith("no "):
-        del ckpt[edit[3:]]
-    else:
-        ckpt["model"]["pos_embed"] = torch.zeros(1, 3, 32)
+    ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=True)
+    ckpt = torch.load(last, weights_only=True) if ckpt["progress"]["epoch"] != 1 else ckpt
+    ckpt["progress"].update(epoch=1, done_in_epoch=0, history=ckpt["progress"]["history"][:1])
+    EDITS[edit](ckpt)
     torch.save(ckpt, last)
-    before = open(last, "rb").read()
+    before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
     fails(capsys, [*TINY, "--epochs", "2", "--save-every", "2", "--out", out, "--resume"],
           "does not fit this run")
-    assert open(last, "rb").read() == before
+    assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before
 
 
-def test_a_corrupt_order_file_is_one_line(tmp_path, capsys):
+def test_an_order_file_is_checked_where_it_enters(tmp_path, capsys):
     path = tmp_path / "order.pt"
-    torch.save({"perm": np.arange(16)}, path)  # weights_only refuses numpy, in many lines
-    fails(capsys, [*TINY, "--order", str(path), "--out", str(tmp_path / "run")],
-          f"order file {path} is not an order of 16 patches")
+    for saved, message in [
+            ({"perm": np.arange(16)}, "is not an order of 4 x 4 patches"),  # numpy: refused
+            ({"perm": torch.arange(16.0), "grid": [4, 4]}, "torch.float32, not integers"),
+            ({"perm": torch.arange(16), "grid": [2, 8]}, "saved for a 2 x 8 grid"),
+            ({"perm": torch.arange(16) % 15, "grid": [4, 4]}, "not a permutation of 0..15")]:
+        torch.save(saved, path)
+        fails(capsys, [*TINY, "--order", str(path), "--out", str(tmp_path / "run")], message)
     assert not (tmp_path / "run").exists()
 
 
 def test_a_folder_holding_any_run_output_is_refused_and_no_advice_loses_work(tmp_path, capsys):
     out = run(tmp_path, "--epochs", "1")["out"]
     kept = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
-    with open(os.path.join(out, "last.pt"), "r+b") as f:  # the issue's repro: last.pt torn, ...
+    with open(os.path.join(out, "last.pt"), "r+b") as f:  # last.pt torn, ...
         f.truncate(100)
     err = fails(capsys, [*TINY, "--epochs", "1", "--out", out, "--resume"], "unreadable or corrupt")
     assert "delete" not in err and "another --out" in err
@@ -392,30 +437,48 @@ def test_a_folder_holding_any_run_output_is_refused_and_no_advice_loses_work(tmp
             assert open(os.path.join(out, name), "rb").read() == content, name
 
 
-def test_nan_at_the_first_steps_says_that_there_is_nothing_to_resume(tmp_path, capsys):
-    err = fails(capsys, [*TINY, "--out", str(tmp_path / "run"), "--epochs", "1", "--lr", "1e30",
-                         "--save-every", "1"], "loss is nan at step 1 (epoch 0): stopped")
-    assert "--resume" not in err and "another --out" in err
-    assert not (tmp_path / "run" / "last.pt").exists()
+def test_nan_at_the_first_step_leaves_a_folder_that_can_be_used_again(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    err = fails(capsys, [*TINY, "--out", out, "--epochs", "1", "--lr", "1e30", "--save-every", "1",
+                         "--clip", "1e30"], "at step 1 (epoch 0): stopped")
+    assert "no checkpoint was written" in err and "--resume" not in err
+    assert sorted(os.listdir(out)) == ["config.json", "train.lock"]
+    fails(capsys, [*TINY, "--out", out, "--epochs", "1", "--resume"], "nothing to resume")
+    run(tmp_path, "--epochs", "1")  # issue 17, defect 6: a fresh start there works
+    assert len(metrics(out)) == 1
 
 
-def test_nan_stop_keeps_the_last_state_that_gave_a_finite_loss(tmp_path, capsys, monkeypatch):
+def ruin_from(monkeypatch, n, how):
+    """From the n-th model step on, the state gives a NaN loss ("loss": the weights blown up) or a
+    finite loss whose gradients are NaN ("grad"), as --lr 100 once left."""
     real, steps = train.model_step, []
 
-    def ruinous(model, *args):  # the 5th step's update leaves weights that no forward survives
-        result = real(model, *args)
+    def ruinous(model, *args):
         steps.append(1)
-        if len(steps) == 5:
+        if len(steps) == n:
             with torch.no_grad():
-                for p in model.parameters():
-                    p.mul_(1e30)
-        return result
+                if how == "loss":
+                    for p in model.parameters():
+                        p.mul_(1e30)
+                else:
+                    model.head.weight.register_hook(lambda g: g * float("nan"))
+        return real(model, *args)
     monkeypatch.setattr(train, "model_step", ruinous)
+
+
+@pytest.mark.parametrize("how", ["loss", "grad"])
+def test_nan_stop_keeps_the_last_state_that_gave_a_finite_loss_and_gradients(tmp_path, capsys,
+                                                                              monkeypatch, how):
+    # issue 17, defect 2: only the loss was checked, so a state with NaN gradients was saved
+    # and every --resume stopped again at the same step
+    ruin_from(monkeypatch, 5, how)
     argv = [*TINY, "--out", str(tmp_path / "run"), "--epochs", "1", "--save-every", "1"]
-    err = fails(capsys, argv, "loss is nan at step 5 (epoch 0): stopped")
-    assert "last.pt holds epoch 0 after 4 of 8 steps" in err and "--resume" in err
+    err = fails(capsys, argv, "at step 4 (epoch 0): stopped")
+    assert "last.pt holds epoch 0 after 3 of 8 steps" in err and "--resume" in err
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["progress"][
+        "done_in_epoch"] == 3
     monkeypatch.undo()
-    train.main([*argv, "--resume"])  # from the state before the ruinous update: no NaN
+    train.main([*argv, "--resume"])  # from the state before: no NaN
     assert len(metrics(tmp_path / "run")) == 1
 
 
@@ -423,16 +486,15 @@ class Killed(BaseException):
     """SIGKILL at a chosen write, in-process."""
 
 
-def kill_at_write(monkeypatch, out, name, epochs_done):
-    """Make the write of `name` that follows the end-of-epoch last.pt of `epochs_done` epochs die
-    as a kill there would."""
-    real, last = data.atomic_path, os.path.join(out, "last.pt")
+def kill_at_write(monkeypatch, name, nth):
+    """The nth write of a file called `name` dies as a kill there would."""
+    real, count = data.atomic_path, []
 
     @contextmanager
     def dying(path):
-        if path.endswith(name) and os.path.exists(last):
-            done = torch.load(last, weights_only=True)["progress"]
-            if (done["epoch"], done["done_in_epoch"]) == (epochs_done, 0):
+        if os.path.basename(path) == name:
+            count.append(1)
+            if len(count) == nth:
                 raise Killed
         with real(path) as tmp:
             yield tmp
@@ -443,21 +505,20 @@ def without_seconds(lines):
     return [{k: v for k, v in line.items() if k != "seconds"} for line in lines]
 
 
-@pytest.mark.parametrize("name", ["best.pt", "metrics.jsonl"])
-def test_a_kill_after_the_final_checkpoint_is_repaired_by_resume(tmp_path, monkeypatch, capsys,
-                                                                 name):
+@pytest.mark.parametrize("name", ["best.pt", "metrics.jsonl", "order.pt"])
+def test_a_kill_while_the_last_epochs_outputs_are_written_is_redone_by_resume(
+        tmp_path, monkeypatch, name):
     argv = ["--epochs", "3", "--lr", "3e-3", "--learn-order", "--policy-lr", "0.05"]
     whole = run(tmp_path, *argv, name="whole")["out"]
     tops = [line["val_top1"] for line in metrics(whole)]
     assert tops[-1] > max(tops[:-1]), "the last epoch must be the best, for best.pt to change"
     out = str(tmp_path / "killed")
-    kill_at_write(monkeypatch, out, name, epochs_done=3)
+    kill_at_write(monkeypatch, name, nth=3 if name != "best.pt" else
+                  1 + sum(t == max(tops[:k + 1]) for k, t in enumerate(tops[:2])))
     with pytest.raises(Killed):
         run(tmp_path, *argv, name="killed")
     monkeypatch.undo()
-    capsys.readouterr()
     run(tmp_path, *argv, "--resume", name="killed")
-    assert "the run is complete" in capsys.readouterr().out
     assert without_seconds(metrics(out)) == without_seconds(metrics(whole))
     a, b = (torch.load(os.path.join(d, "best.pt"), weights_only=True) for d in (whole, out))
     assert a["progress"]["epoch"] == b["progress"]["epoch"] == 3
@@ -467,7 +528,7 @@ def test_a_kill_after_the_final_checkpoint_is_repaired_by_resume(tmp_path, monke
 def test_resume_refuses_or_applies_and_records_changed_flags(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "run")
     argv = [*TINY, "--epochs", "2", "--learn-order", "--policy-lr", "0.05", "--out", out]
-    kill_at_write(monkeypatch, out, "metrics.jsonl", epochs_done=1)
+    kill_at_write(monkeypatch, "metrics.jsonl", nth=2)  # at the end of the second epoch
     with pytest.raises(Killed):
         train.main(argv)
     monkeypatch.undo()
@@ -481,23 +542,38 @@ def test_resume_refuses_or_applies_and_records_changed_flags(tmp_path, monkeypat
     assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 0.1
 
 
+def test_metrics_are_strict_json(tmp_path):
+    # issue 17, defect 8: NaN and Infinity are not JSON; a value that is not finite is null
+    line = train.epoch_record(
+        {"epoch": 0, "sums": {"loss": 1.0, "correct": 1, "images": 2, "tau": 0.0, "steps": 1},
+         "changed": {}}, train.parse_args(["--epochs", "1"]), 1, float("nan"), 50.0, 1e-3,
+        torch.arange(4), torch.arange(4), torch.device("cpu"), float("inf"))
+    assert line["val_top1"] is None and line["seconds"] is None
+    json.loads(json.dumps(line), parse_constant=lambda c: pytest.fail(c))
+
+
 @pytest.mark.slow
-def test_ctrl_c_says_in_one_line_where_resume_continues(tmp_path):
+@pytest.mark.parametrize("sig,save_every", [(signal.SIGINT, 500), (signal.SIGTERM, 500),
+                                            (signal.SIGTERM, 0)])
+def test_ctrl_c_and_sigterm_save_the_latest_step_and_say_where_resume_continues(
+        tmp_path, sig, save_every):
+    # issue 17, defects 3 and 4: SIGTERM was not handled, and Ctrl-C wrote only the last
+    # checkpoint held back (with --save-every 500, none in an epoch of 128 steps)
     out = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.time() + 240
-    while proc.poll() is None and time.time() < deadline:  # interrupt after some checkpoints
-        if (out / "last.pt").exists():
-            if torch.load(out / "last.pt", weights_only=True)["progress"]["done_in_epoch"] >= 8:
-                proc.send_signal(signal.SIGINT)
-                break
-        time.sleep(0.05)
-    err = proc.communicate(timeout=60)[1]
-    assert proc.returncode == 130 and err.count("\n") == 1, err
+    argv = [*TINY, "--subset", "512", "--batch-size", "8", "--epochs", "1", "--save-every",
+            save_every, "--out", out]  # 64 steps
+    proc = slow_run(tmp_path, argv, delay=0.05)
+    wait_for(lambda: (out / "config.json").exists(), proc)
+    time.sleep(1.0)  # some steps into the epoch
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 128 + sig and err.count("\n") == 1, err
     done = torch.load(out / "last.pt", weights_only=True)["progress"]
-    assert (f"train.py: interrupted: --resume continues from epoch {done['epoch']} after "
-            f"{done['done_in_epoch']} of 128 steps") in err
+    assert done["epoch"] == 0 and done["done_in_epoch"] > 0, done  # a step, not a held one
+    assert (f"train.py: interrupted ({signal.Signals(sig).name}): --resume continues from epoch 0 "
+            f"after {done['done_in_epoch']} of 64 steps") in err
+    train.main([*map(str, argv), "--resume"])
+    assert len(metrics(out)) == 1
 
 
 # ---- the picture of the orders -------------------------------------------------------------------
