@@ -6,11 +6,11 @@
         --img-size 224 --patch 16 --window 7 --epochs 100 --learn-order --order hilbert
     python train.py --draw-orders orders.png --img-size 224 --patch 16   # a picture of the orders
 
-Epochs [0, policy_start) train on the fixed initial order; [policy_start, policy_start +
+Epochs [0, policy_start) train on the fixed start order; [policy_start, policy_start +
 policy_epochs) sample orders from the Plackett-Luce policy and update model and policy together
 while tau rises and falls 0 -> tau_max -> 0 per step; then the order is frozen at the policy's mode
 and the model fine-tuned. Validation reads the mode. Ctrl-C or SIGTERM: the step under way
-finishes, the state is saved and --resume continues from it.
+finishes, the state is saved, and --resume continues from it.
 """
 import argparse
 import dataclasses
@@ -39,13 +39,10 @@ from data import UsageError, number
 # Set once, as nanoGPT does: torchrun's environment, else one process. Rank 0 prints and writes.
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 WRITER = RANK == 0
-# --resume refuses a change to RESUME_KEYS (another experiment); RESUME_MAY_CHANGE (the knobs to
-# get past a NaN, and where it runs) apply from the resume on and are recorded in metrics.jsonl.
-RESUME_KEYS = ("data", "root", "subset", "val_subset", "img_size", "patch", "model", "dim", "depth",
-               "heads", "mixer", "window", "order", "prior_n", "learn_order", "epochs",
-               "batch_size", "warmup_epochs", "policy_start", "policy_epochs", "tau_max",
-               "fixed_tau", "orders_per_step", "reward", "baseline", "granularity", "seed", "world")
+# --resume refuses a change to any flag but these: the knobs to get past a NaN and where it runs
+# (applied, and recorded in metrics.jsonl), and those that change no number.
 RESUME_MAY_CHANGE = ("lr", "policy_lr", "weight_decay", "clip", "amp", "device", "compile")
+NO_NUMBER = ("workers", "save_every", "quiet", "resume", "out", "draw_orders")
 WORK = ("last.pt", "best.pt", "metrics.jsonl", "order.pt")  # what a fresh run may not replace
 
 # --------------------------------------------------------------------------------------------------
@@ -86,9 +83,9 @@ def autocast(device, dtype):
 
 def model_step(model, optimizer, scaler, images, labels, perms, dtype, clip):
     """The classifier's gradients on images read in order perms[0] ([N] or [B, N]), unscaled and
-    clipped; perms[1:] are only scored, with the same weights. The weights are not touched (the loop
-    steps once loss and gradients are finite). Returns (logits [K, B, classes], loss [K, B], the
-    loss's value, the gradient norm before clipping)."""
+    clipped; perms[1:] only scored, with the same weights. The weights are not touched: the loop
+    steps once loss and gradients are known finite. Returns (logits [K, B, classes], loss [K, B],
+    the loss's value, the gradient norm before clipping)."""
     with autocast(images.device, dtype):
         logits = [model(images, perms[0])]
     loss = F.cross_entropy(logits[0].float(), labels, reduction="none").mean()
@@ -105,8 +102,7 @@ def model_step(model, optimizer, scaler, images, labels, perms, dtype, clip):
 
 
 def sample_orders(policy, k, tau, generator, images=None):
-    """K orders by Gumbel-top-k at temperature tau: one for the batch [K, N] or per image
-    [K, images, N]."""
+    """K orders by Gumbel-top-k at temperature tau, for the batch [K, N] or per image [K, B, N]."""
     perms = policy.sample(k * (images or 1), tau, generator)[0]
     return perms.view(k, -1) if images is None else perms.view(k, images, -1)
 
@@ -153,12 +149,17 @@ def reinforce(args, state, perms, tau, logits, losses, labels, progress):
         neg_logp=-log_prob.mean().item(), policy_steps=1)
 
 
+def add(progress, **values):
+    for k, v in values.items():
+        progress["sums"][k] = progress["sums"].get(k, 0.0) + v
+
+
 def evaluate(model, loader, perm, device, dtype):
     """(top-1 %, top-5 %) with one order for all images, over every rank's shard."""
     model.eval()
     totals = torch.zeros(3, device=device)  # top-1 correct, top-5 correct, images
     with torch.no_grad():
-        for x, y in (b for b in loader if b is not None):  # None: no readable image in it
+        for x, y in (batch for batch in loader if batch is not None):  # None: none readable
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, dtype):
                 logits = model(x, perm)
@@ -171,34 +172,27 @@ def evaluate(model, loader, perm, device, dtype):
     return (100 * totals[0] / totals[2]).item(), (100 * totals[1] / totals[2]).item()
 
 
-def add(progress, **values):
-    for k, v in values.items():
-        progress["sums"][k] = progress["sums"].get(k, 0.0) + v
-
-
 def epoch_record(progress, args, steps_per_epoch, top1, top5, lr, order_now, start_perm, device,
                  seconds):
-    """The epoch's line of metrics.jsonl, from the running sums over every rank's images; what is
-    not finite is written as null (strict JSON)."""
-    s, p_steps = progress["sums"], progress["sums"].get("policy_steps", 0)
+    """The epoch's line of metrics.jsonl, from the sums over every rank's images; a value that
+    is not finite is written as null (strict JSON)."""
+    s, n = progress["sums"], progress["sums"].get("policy_steps", 0)
     totals = torch.tensor([s["loss"], s["correct"], s["images"]], dtype=torch.float64,
                           device=device)
     if WORLD > 1:
         dist.all_reduce(totals)
     loss_sum, correct, images = totals.tolist()
-    per_step = {k: s[k] / p_steps if p_steps else None for k in ("reward", "neg_logp", "spread",
-                                                                 "reward_sq")}
+    mean = {k: s[k] / n if n else None for k in ("reward", "reward_sq", "neg_logp", "spread")}
     record = {
         "epoch": progress["epoch"],
         "phase": phase(progress["epoch"] * steps_per_epoch, args, steps_per_epoch)[0],
-        "train_loss": loss_sum / images, "train_top1": 100 * correct / images,
-        "val_top1": top1, "val_top5": top5, "lr": lr, "tau": s["tau"] / s["steps"],
-        "reward": per_step["reward"], "entropy": per_step["neg_logp"],  # Monte Carlo, at tau
+        "train_loss": loss_sum / images, "train_top1": 100 * correct / images, "val_top1": top1,
+        "val_top5": top5, "lr": lr, "tau": s["tau"] / s["steps"], "reward": mean["reward"],
+        "entropy": mean["neg_logp"],  # Monte Carlo, at the tau used
         # order sensitivity: how far apart the K orders' rewards on the same images are, against
         # how far apart the rewards of different batches are (what an EMA baseline leaves)
-        "order_spread": per_step["spread"],
-        "batch_noise": math.sqrt(max(0.0, per_step["reward_sq"] - per_step["reward"] ** 2))
-        if p_steps else None,
+        "order_spread": mean["spread"],
+        "batch_noise": math.sqrt(max(0.0, mean["reward_sq"] - mean["reward"] ** 2)) if n else None,
         # mean number of slots a patch has moved since the start; argsort(perm) = each slot
         "order_shift": (order_now.argsort() - start_perm.argsort()).abs().float().mean().item(),
         "changed": progress["changed"], "seconds": seconds}
@@ -207,16 +201,27 @@ def epoch_record(progress, args, steps_per_epoch, top1, top5, lr, order_now, sta
 
 
 # --------------------------------------------------------------------------------------------------
-# Input checked before anything is written; the run folder claimed under its lock
+# Input checked before anything is written; the run folder and its checkpoint
 # --------------------------------------------------------------------------------------------------
+
+def fail(message):
+    raise UsageError(message)
+
+
+@contextmanager
+def usage_errors(what=None, errors=(ValueError,)):
+    """`errors` as one line: reorder.py's ValueErrors as they are, or "what (the error)"."""
+    try:
+        yield
+    except errors as e:
+        raise UsageError(f"{what} ({data.one_line(e)})" if what else str(e)) from None
+
 
 def check_inputs(args):
     """(train set, val set, model): the output folder, the data and the model, checked read-only."""
     data.check_writable(args.out)
-    try:
+    with usage_errors():  # reorder.py's checks: sizes, window, width against heads
         grid = reorder.grid_size(args.img_size, args.patch)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     if args.order not in reorder.ORDERS + ("random", "prior"):
         data.load_order(args.order, grid)  # checked now, loaded when the run starts
     train_set = data.build_dataset(args.data, args.root, "train", args.img_size, augment=True,
@@ -224,22 +229,20 @@ def check_inputs(args):
     val_set = data.build_dataset(args.data, args.root, "val", args.img_size,
                                  subset=args.val_subset, patch=args.patch)
     if len(train_set) < args.batch_size * WORLD:
-        raise UsageError(f"{len(train_set)} training images are fewer than one batch of "
-                         f"{args.batch_size} x {WORLD} processes: lower --batch-size")
-    if len({str(getattr(data.base_dataset(s), "classes", None)) for s in (train_set, val_set)}) > 1:
-        raise UsageError(f"train/ and val/ hold different class folders under {args.root}")
+        fail(f"{len(train_set)} training images are fewer than one batch of "
+                  f"{args.batch_size} x {WORLD} processes: lower --batch-size")
+    if len({str(getattr(data.base_dataset(s), "classes", 0)) for s in (train_set, val_set)}) > 1:
+        fail(f"train/ and val/ hold different class folders under {args.root}")
     firsts = [next(data.readable_items(dataset), None) for dataset in (train_set, val_set)]
     if None in firsts:
-        raise UsageError(f"no readable image in the {('train', 'val')[firsts.index(None)]} split "
-                         f"of --data {args.data} (each one is named above)")
-    sizes = {k: getattr(args, k) for k in ("dim", "depth", "heads") if getattr(args, k) is not None}
-    try:  # reorder.py's own checks (window, width against heads, ...)
+        fail(f"no readable image in the {('train', 'val')[firsts.index(None)]} split of "
+                  f"--data {args.data} (each one is named above)")
+    sizes = {k: getattr(args, k) for k in ("dim", "depth", "heads") if getattr(args, k)}
+    with usage_errors():
         return train_set, val_set, reorder.ViT(reorder.vit_config(
             args.model, img_size=args.img_size, patch_size=args.patch,
             in_chans=firsts[0][0].shape[0], num_classes=data.num_classes_of(train_set),
             mixer=args.mixer, window=args.window, **sizes))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
 
 
 @contextmanager
@@ -257,9 +260,8 @@ def run_folder(out):
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.seek(0)
-        pid, _ = lock.read().strip() or "?", lock.close()
-        raise UsageError(f"{out} is in use by process {pid}, a run writing there: wait for it to "
-                         f"end, or choose another --out") from None
+        raise UsageError(f"{out} is in use by process {lock.read().strip() or '?'}, a run writing "
+                         f"there: wait for it to end, or choose another --out") from None
     lock.truncate(0)
     lock.write(f"{os.getpid()}\n")
     lock.flush()
@@ -280,63 +282,82 @@ def claim(args, steps_per_epoch, num_patches):
     written; or None for a fresh run, in a folder that holds no work to lose."""
     last = os.path.join(args.out, "last.pt")
     found = [name for name in WORK if os.path.exists(os.path.join(args.out, name))]
-    error = [f"nothing to resume: {last} does not exist; start the run without --resume"
-             if args.resume and not os.path.exists(last) else
-             f"{args.out} already holds a run ({', '.join(found)}): pass --resume to continue it, "
-             f"or choose another --out" if found and not args.resume else None]
+    error = [f"nothing to resume: {last} does not exist" if args.resume and not os.path.exists(
+        last) else f"{args.out} already holds a run ({', '.join(found)}): pass --resume, or "
+        f"choose another --out" if found and not args.resume else None]
     if WORLD > 1:  # rank 0's view of the folder decides for every rank
         dist.broadcast_object_list(error, src=0)
     if error[0] or not args.resume:
-        if error[0]:
-            raise UsageError(error[0])
-        return None
+        return None if not error[0] else fail(error[0])
     try:
         ckpt = torch.load(last, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UsageError(f"checkpoint {last} is unreadable or corrupt ({type(e).__name__}): it "
-                         f"cannot be resumed; train into another --out") from None
+        fail(f"checkpoint {last} is unreadable or corrupt ({type(e).__name__}): train into "
+                  f"another --out")
     saved = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
-    diff = [k for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
-    if not isinstance(ckpt, dict) or diff:
-        what = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k)})"
-                         for k in diff[:3])
-        raise UsageError(f"checkpoint {last} does not match this run: it was trained with "
-                         f"{what or 'another layout'}; use the same flags, or another --out")
+    diff = [f"--{k.replace('_', '-')} {saved.get(k)} (now {v})" for k, v in vars(args).items()
+            if k not in RESUME_MAY_CHANGE + NO_NUMBER and saved.get(k) != v]
+    if diff or not isinstance(ckpt, dict):
+        fail(f"checkpoint {last} does not match this run: it was trained with "
+                  f"{', '.join(diff[:3]) or 'another layout'}; use the same flags, or another --out")
     p, types = ckpt.get("progress"), dict(epoch=int, done_in_epoch=int, history=list, sums=dict,
                                           changed=dict)
-    try:
+    if not (isinstance(p, dict) and all(type(p.get(k)) is t for k, t in types.items())
+            and 0 <= p["epoch"] <= args.epochs and len(p["history"]) == p["epoch"] and
+            0 <= p["done_in_epoch"] < (steps_per_epoch if p["epoch"] < args.epochs else 1)):
+        fail(f"checkpoint {last} does not fit this run (its progress is no position in "
+                  f"{args.epochs} epochs of {steps_per_epoch} steps)")
+    with usage_errors(f"checkpoint {last} does not fit this run", (KeyError, ValueError)):
         reorder.check_perm(ckpt["start_perm"], num_patches)
-        if not (isinstance(p, dict) and all(type(p.get(k)) is t for k, t in types.items())
-                and 0 <= p["epoch"] <= args.epochs and len(p["history"]) == p["epoch"] and
-                0 <= p["done_in_epoch"] < (steps_per_epoch if p["epoch"] < args.epochs else 1)):
-            raise ValueError(f"its progress is no position in {args.epochs} epochs of "
-                             f"{steps_per_epoch} steps")
-    except (KeyError, ValueError, AttributeError) as e:
-        raise UsageError(f"checkpoint {last} does not fit this run ({data.one_line(e)}): it "
-                         f"cannot be resumed; train into another --out") from None
     return ckpt
 
 
-def initial_order(args, grid, train_set):
-    """(perm, name, prior table or None): the start order, by name, "prior" (prior.py's pick on a
-    training sample, measured on rank 0), or a saved order's path."""
-    if args.order != "prior":
-        return (reorder.order(args.order, *grid, seed=args.seed) if args.order in reorder.ORDERS
-                + ("random",) else data.load_order(args.order, grid)), args.order, None
-    pick, table = [None], None
-    if WRITER:
-        images = prior.sample_images(train_set.dataset, args.prior_n, args.seed)  # unflipped
-        table = prior.compressibility(images, args.patch, seed=args.seed, progress=not args.quiet)
-        print(prior.format_table(table))
-        pick[0] = prior.pick(table)
-    if WORLD > 1:
-        dist.broadcast_object_list(pick, src=0)
-    if pick[0] is None:
-        raise UsageError("--order prior: a tie, no one ordering is the least compressible on "
-                         "these images, so the prior picks none: give --order yourself")
-    if WRITER:
-        print(f"--order prior: starting from {pick[0]}, the least compressible ordering")
-    return reorder.order(pick[0], *grid), f"prior:{pick[0]}", table
+def resume(state, ckpt, args, schedule, device, policy_gen):
+    """{flag: [before, after]}: every object loaded from the checkpoint; the flags of
+    RESUME_MAY_CHANGE apply from here on."""
+    with usage_errors(f"checkpoint {args.out}/last.pt does not fit this run",
+                           (KeyError, TypeError, ValueError, RuntimeError, IndexError)):
+        for name, obj in state.items():
+            if name != "scaler" or ckpt[name]:  # a run without fp16 saved no scaler
+                obj.load_state_dict(ckpt[name])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        policy_gen.set_state(ckpt["rng"]["policy"])
+        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    state["scheduler"].base_lrs = [args.lr]
+    for g in state["optimizer"].param_groups:
+        g.update(lr=args.lr * schedule(state["scheduler"].last_epoch),
+                 weight_decay=args.weight_decay)
+    for g in state["policy_opt"].param_groups if "policy_opt" in state else ():
+        g["lr"] = args.policy_lr
+    changed = {k: [ckpt["config"].get(k), getattr(args, k)] for k in RESUME_MAY_CHANGE
+               if ckpt["config"].get(k) != getattr(args, k)}
+    if changed and WRITER:
+        print("--resume with " + ", ".join(f"--{k.replace('_', '-')} {new} (was {old})"
+                                           for k, (old, new) in changed.items()))
+    return changed
+
+
+def save(out, ckpt, grid, order_now=None):
+    """last.pt, the whole state in one dict, written atomically by rank 0. At an epoch's end
+    (order_now given) first that epoch's outputs: best.pt if it is the best so far, metrics.jsonl,
+    order.pt, order.png; last.pt comes last, so a kill in between leaves outputs that the resumed
+    run writes again, identically."""
+    if not WRITER:
+        return
+    buffer = io.BytesIO()  # serialized once, for last.pt and best.pt
+    torch.save(ckpt, buffer)
+    if order_now is not None:
+        history = ckpt["progress"]["history"]
+        tops = [line["val_top1"] for line in history]
+        if tops.index(max(tops)) == len(tops) - 1:
+            data.atomic_save(buffer.getvalue(), os.path.join(out, "best.pt"))
+        with data.atomic_path(os.path.join(out, "metrics.jsonl")) as tmp, open(tmp, "w") as f:
+            f.writelines(json.dumps(line) + "\n" for line in history)
+        data.save_order(os.path.join(out, "order.pt"), order_now, grid)
+        with data.atomic_path(os.path.join(out, "order.png")) as tmp:
+            data.draw_orders(tmp, grid, {f"epoch {len(history) - 1}": order_now.cpu()})
+    data.atomic_save(buffer.getvalue(), os.path.join(out, "last.pt"))
 
 
 @contextmanager
@@ -363,7 +384,7 @@ def ignore_signals(worker_id):
 
 
 # --------------------------------------------------------------------------------------------------
-# Devices, loaders, the state a checkpoint holds
+# Setting up: the device, the start order, loaders, the state a checkpoint holds
 # --------------------------------------------------------------------------------------------------
 
 def setup_device(flag):
@@ -371,14 +392,34 @@ def setup_device(flag):
     flag = ("cuda" if torch.cuda.is_available() else "cpu") if flag == "auto" else flag
     if flag == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but torch sees no CUDA device here: use --device cpu")
-    if WORLD == 1:
-        return torch.device(flag)
     local = int(os.environ.get("LOCAL_RANK", 0))
-    if flag == "cuda":
+    if WORLD > 1 and flag == "cuda":
         torch.cuda.set_device(local)
-    if not dist.is_initialized():
+    if WORLD > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if flag == "cuda" else "gloo")
-    return torch.device(f"cuda:{local}" if flag == "cuda" else "cpu")
+    return torch.device(f"cuda:{local}" if WORLD > 1 and flag == "cuda" else flag)
+
+
+def initial_order(args, grid, train_set):
+    """(perm, name, prior table or None): the start order, by name, "prior" (prior.py's pick on a
+    training sample, measured on rank 0), or a saved order's path."""
+    if args.order != "prior":
+        return (reorder.order(args.order, *grid, seed=args.seed) if args.order in reorder.ORDERS
+                + ("random",) else data.load_order(args.order, grid)), args.order, None
+    pick, table = [None], None
+    if WRITER:
+        images = prior.sample_images(train_set.dataset, args.prior_n, args.seed)  # unflipped
+        table = prior.compressibility(images, args.patch, seed=args.seed, progress=not args.quiet)
+        print(prior.format_table(table))
+        pick[0] = prior.pick(table)
+    if WORLD > 1:
+        dist.broadcast_object_list(pick, src=0)
+    if pick[0] is None:
+        raise UsageError("--order prior: a tie, no one ordering is the least compressible on "
+                         "these images, so the prior picks none: give --order yourself")
+    if WRITER:
+        print(f"--order prior: starting from {pick[0]}, the least compressible ordering")
+    return reorder.order(pick[0], *grid), f"prior:{pick[0]}", table
 
 
 class ResumableSampler(DistributedSampler):
@@ -403,9 +444,10 @@ def make_loaders(args, train_set, val_set, device):
     common = dict(num_workers=workers, pin_memory=device.type == "cuda",
                   collate_fn=data.collate_skipping_none, worker_init_fn=ignore_signals)
     sampler = ResumableSampler(train_set, shuffle=True, seed=args.seed)
-    return sampler, DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True,
-                               **common), \
-        DataLoader(val_set, args.batch_size, sampler=ResumableSampler(val_set, False, 0), **common)
+    return (sampler, DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True,
+                                **common),
+            DataLoader(val_set, args.batch_size, sampler=ResumableSampler(val_set, False, 0),
+                       **common))
 
 
 def build_state(args, model, start_perm, device, steps_per_epoch):
@@ -413,10 +455,10 @@ def build_state(args, model, start_perm, device, steps_per_epoch):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     schedule = functools.partial(lr_factor, warmup_steps=args.warmup_epochs * steps_per_epoch,
                                  total_steps=args.epochs * steps_per_epoch)
-    fp16 = amp_dtype(args.amp, device) == torch.float16
     state = {"model": model, "optimizer": optimizer,
              "scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
-             "scaler": torch.amp.GradScaler(device.type, enabled=fp16),
+             "scaler": torch.amp.GradScaler(device.type, enabled=amp_dtype(args.amp, device)
+                                            == torch.float16),
              "baseline": reorder.EMABaseline(0.99)}
     if args.learn_order:  # the policy stays float32 under AMP
         state["policy"] = reorder.PlackettLuce.from_order(start_perm.cpu()).to(device)
@@ -426,62 +468,19 @@ def build_state(args, model, start_perm, device, steps_per_epoch):
 
 def rng_state(device, policy_gen):
     """The random streams a resumed run continues (data order and flips are functions of seed,
-    epoch and index; the policy samples on its own CPU generator)."""
+    epoch and index)."""
     return {"cpu": torch.get_rng_state(), "policy": policy_gen.get_state(),
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def resume(state, ckpt, args, schedule, device, policy_gen):
-    """(start order, {flag: [before, after]}): every object loaded from the checkpoint (one line
-    if it was edited by hand); the flags of RESUME_MAY_CHANGE apply from here on."""
-    try:
-        for name, obj in state.items():
-            if name != "scaler" or ckpt[name]:  # a run without fp16 saved no scaler
-                obj.load_state_dict(ckpt[name])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        policy_gen.set_state(ckpt["rng"]["policy"])
-        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        start_perm = ckpt["start_perm"]
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
-        raise UsageError(f"checkpoint {args.out}/last.pt does not fit this run "
-                         f"({data.one_line(e)}): it cannot be resumed; train into another "
-                         f"--out") from None
-    state["scheduler"].base_lrs = [args.lr]
-    for g in state["optimizer"].param_groups:
-        g["lr"] = args.lr * schedule(state["scheduler"].last_epoch)
-        g["weight_decay"] = args.weight_decay
-    for g in state["policy_opt"].param_groups if "policy_opt" in state else ():
-        g["lr"] = args.policy_lr
-    changed = {k: [ckpt["config"].get(k), getattr(args, k)] for k in RESUME_MAY_CHANGE
-               if ckpt["config"].get(k) != getattr(args, k)}
-    if changed and WRITER:
-        print("--resume with " + ", ".join(f"--{k.replace('_', '-')} {new} (was {old})"
-                                           for k, (old, new) in changed.items())
-              + ": applied from here on, and recorded in metrics.jsonl")
-    return start_perm, changed
-
-
-def save(out, ckpt, grid, order_now=None):
-    """last.pt, the whole state in one dict, written atomically by rank 0. At an epoch's end
-    (order_now given) first that epoch's outputs: best.pt if it is the best so far, metrics.jsonl,
-    order.pt, order.png; last.pt comes last, so a kill in between leaves outputs that the resumed
-    run writes again, identically."""
-    if not WRITER:
-        return
-    buffer = io.BytesIO()  # serialized once, for last.pt and best.pt
-    torch.save(ckpt, buffer)
-    if order_now is not None:
-        history = ckpt["progress"]["history"]
-        tops = [line["val_top1"] for line in history]
-        if tops.index(max(tops)) == len(tops) - 1:
-            data.atomic_save(buffer.getvalue(), os.path.join(out, "best.pt"))
-        with data.atomic_path(os.path.join(out, "metrics.jsonl")) as tmp, open(tmp, "w") as f:
-            f.writelines(json.dumps(line) + "\n" for line in history)
-        data.save_order(os.path.join(out, "order.pt"), order_now, grid)
-        with data.atomic_path(os.path.join(out, "order.png")) as tmp:
-            data.draw_orders(tmp, grid, {f"epoch {len(history) - 1}": order_now.cpu()})
-    data.atomic_save(buffer.getvalue(), os.path.join(out, "last.pt"))
+def write_config(args, model, order_name, steps_per_epoch, prior_table):
+    """config.json (the flags, the model, the start order) and prior.json of a fresh run."""
+    config = {**vars(args), "order_name": order_name, "vit": dataclasses.asdict(model.cfg),
+              "steps_per_epoch": steps_per_epoch}
+    for name, content in (("config.json", config), ("prior.json", prior_table)):
+        if content and WRITER:
+            with data.atomic_path(os.path.join(args.out, name)) as tmp, open(tmp, "w") as f:
+                json.dump(content, f, indent=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -497,22 +496,21 @@ def train(args):
     sampler, loader, val_loader = make_loaders(args, train_set, val_set, device)
     steps_per_epoch = len(sampler) // args.batch_size
     with run_folder(args.out), signals_to_flag() as caught:
-        ckpt = claim(args, steps_per_epoch, model.num_patches)  # under the lock: what --resume continues, or None
+        ckpt = claim(args, steps_per_epoch, model.num_patches)  # what --resume continues, or None
         start_perm, order_name, prior_table = (ckpt["start_perm"], ckpt.get("order_name"), None) \
             if ckpt else initial_order(args, grid, train_set)
         state, schedule = build_state(args, model, start_perm, device, steps_per_epoch)
-        optimizer, scheduler, scaler = state["optimizer"], state["scheduler"], state["scaler"]
+        optimizer, scheduler, scaler, policy = (state.get(k) for k in ("optimizer", "scheduler",
+                                                                       "scaler", "policy"))
         policy_gen = torch.Generator().manual_seed(args.seed + 1)  # CPU: the same orders anywhere
         progress = {"epoch": 0, "done_in_epoch": 0, "history": [], "sums": {}, "changed": {}}
         if ckpt:
-            start_perm, changed = resume(state, ckpt, args, schedule, device, policy_gen)
-            progress = ckpt["progress"]
-            progress["changed"].update(changed)
+            changed = resume(state, ckpt, args, schedule, device, policy_gen)
+            progress = {**ckpt["progress"], "changed": {**ckpt["progress"]["changed"], **changed}}
         else:
             write_config(args, model, order_name, steps_per_epoch, prior_table)
-        start_perm, policy = start_perm.to(device), state.get("policy")
-        meta = {"start_perm": start_perm.cpu(), "order_name": order_name,
-                "config": {k: getattr(args, k) for k in RESUME_KEYS + RESUME_MAY_CHANGE}}
+        start_perm = start_perm.to(device)
+        meta = {"start_perm": start_perm.cpu(), "order_name": order_name, "config": vars(args)}
         net = torch.compile(model) if args.compile else model
         if WORLD > 1:
             net = torch.nn.parallel.DistributedDataParallel(
@@ -520,6 +518,10 @@ def train(args):
 
         def current_order():
             return policy.mode() if policy is not None else start_perm
+
+        def checkpoint(rng):  # everything --resume needs, in one dict
+            return {**{k: v.state_dict() for k, v in state.items()}, **meta,
+                    "progress": progress, "rng": rng}
         saved = (progress["epoch"], progress["done_in_epoch"]) if ckpt else None  # in last.pt
         due = None  # a checkpoint asked for: "step", or "epoch" (with the epoch's outputs)
         while progress["epoch"] < args.epochs:
@@ -559,11 +561,9 @@ def train(args):
                     raise nan_stop(args, loss, norm, step, epoch, saved, steps_per_epoch)
 
                 # 3. the state before this step gave a finite loss and gradients: write the
-                #    checkpoint asked for now (or at Ctrl-C / SIGTERM, then exit), then step
+                #    checkpoint asked for now (and at Ctrl-C or SIGTERM, then exit); then step
                 if due or stop:
-                    save(args.out, {**{k: v.state_dict() for k, v in state.items()}, **meta,
-                                    "progress": progress, "rng": rng},
-                         grid, current_order() if due == "epoch" else None)
+                    save(args.out, checkpoint(rng), grid, current_order() if due == "epoch" else None)
                     saved, due = (epoch, progress["done_in_epoch"]), None
                 if stop:
                     interrupted(caught[0], args.out, saved, steps_per_epoch)
@@ -597,24 +597,11 @@ def train(args):
                       f"{top1:.2f} top-5 {top5:.2f}, tau {h['tau']:.3f}, order shift "
                       f"{h['order_shift']:.2f}, {h['seconds']:.1f} s", flush=True)
         if due:  # the last epoch: there is no later step to wait for
-            save(args.out, {**{k: v.state_dict() for k, v in state.items()}, **meta,
-                            "progress": progress, "rng": rng_state(device, policy_gen)},
-                 grid, current_order())
+            save(args.out, checkpoint(rng_state(device, policy_gen)), grid, current_order())
         elif WRITER:
             print(f"{args.out}: the run is complete ({args.epochs} epochs)")
     return {"out": args.out, "history": progress["history"], "order": current_order().cpu(),
             "policy_logits": policy.logits.detach().cpu() if policy is not None else None}
-
-
-def write_config(args, model, order_name, steps_per_epoch, prior_table):
-    """config.json (the flags, the model, the start order) and prior.json of a fresh run."""
-    for name, content in (("config.json", {**vars(args), "order_name": order_name, "vit":
-                                           dataclasses.asdict(model.cfg),
-                                           "steps_per_epoch": steps_per_epoch}),
-                          ("prior.json", prior_table)):
-        if content and WRITER:
-            with data.atomic_path(os.path.join(args.out, name)) as tmp, open(tmp, "w") as f:
-                json.dump(content, f, indent=1)
 
 
 def agree(caught, finite, device):
@@ -718,8 +705,8 @@ def parse_args(argv=None):
     if args.policy_epochs is None:  # leave a fine-tuning epoch
         room = args.epochs - args.policy_start - (args.epochs >= 3)
         args.policy_epochs = max(1, min(round(0.30 * args.epochs), room))
-    args.warmup_epochs = round(0.05 * args.epochs) if args.warmup_epochs is None \
-        else args.warmup_epochs
+    if args.warmup_epochs is None:
+        args.warmup_epochs = round(0.05 * args.epochs)
     args.out = args.out or os.path.join("runs", "-".join(
         [args.data, args.order.replace(os.sep, "_")] + [args.mixer] * (args.mixer != "window")
         + ["learn"] * args.learn_order + [f"s{args.seed}"]))
@@ -744,10 +731,8 @@ def main(argv=None):
     try:
         if not args.draw_orders:
             return train(args)
-        try:
+        with usage_errors():
             grid = reorder.grid_size(args.img_size, args.patch)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
         orders = {name: reorder.order(name, *grid) for name in reorder.ORDERS}
         orders[f"random (seed {args.seed})"] = reorder.order("random", *grid, seed=args.seed)
         if os.path.isfile(args.order):
