@@ -1,10 +1,9 @@
-"""The data layer that train.py and prior.py share: data sets, known-answer tasks, saved orders,
-and the command lines' checks.
+"""The data layer of train.py and prior.py: data sets, known-answer tasks, saved orders, checks.
 
-Every data set yields (float image [C, H, W], normalized; int label). The only random augmentation,
-the paper's horizontal flip, is a pure function of (seed, epoch, index), so a resumed run sees
-exactly the images it would have seen, whatever the number of loader workers. Bad input raises
-UsageError, which both command lines print as one line with exit status 2.
+Every data set yields (float image [C, H, W], normalized; int label). The one random augmentation,
+the paper's horizontal flip, is a pure function of (seed, epoch, index): a resumed run sees the
+images it would have seen, for any number of loader workers. Bad input raises UsageError, which
+both command lines print as one line with exit status 2.
 """
 import argparse
 import ctypes
@@ -18,7 +17,6 @@ import sys
 import tempfile
 from contextlib import contextmanager, suppress
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
@@ -32,14 +30,10 @@ MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
             "fashion-mnist": ((0.2860,), (0.3530,)),
             "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}  # ImageNet's, also fMoW's
 
-
-# --------------------------------------------------------------------------------------------------
-# Command lines: one-line errors, checked numbers, files written whole
-# --------------------------------------------------------------------------------------------------
+# ---- command lines: one-line errors, checked numbers, files written whole ------------------------
 
 class UsageError(ValueError):
     """Bad input: reported as one line, exit status 2, nothing overwritten."""
-
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, with errors on one line (exit status 2) instead of usage text plus the error."""
@@ -48,15 +42,14 @@ class OneLineParser(argparse.ArgumentParser):
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
 
-
 def number(cast=float, low=None, above=None, high=None):
     """An argparse type: cast(text), finite, >= low, > above, <= high; else a one-line error."""
     def parse(text):
         try:
             value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if cast is int else 'a number'}"
-                                             f", got {text!r}") from None
+            kind = "an integer" if cast is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
         for bad, rule in ((not math.isfinite(value), "finite"),
                           (low is not None and value < low, f"at least {low}"),
                           (above is not None and not value > above, f"> {above}"),
@@ -66,16 +59,14 @@ def number(cast=float, low=None, above=None, high=None):
         return value
     return parse
 
-
 def one_line(e):
-    """An exception as "Type: message" on one line, shortened, for the one-line errors."""
+    """An exception as "Type: message" on one line, the message cut to 160 characters."""
     text = " ".join(str(e).split())
     text = text if len(text) <= 160 else text[:157] + "..."
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
-
 def check_writable(folder):
-    """A UsageError unless files can be made in `folder`, or, while it does not exist, in the
+    """A UsageError unless a file can be made in `folder`, or, while it does not exist, in the
     nearest folder above it (where it will be made). Tried with a nameless file: nothing is left."""
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):
@@ -87,12 +78,11 @@ def check_writable(folder):
     except OSError as e:
         raise UsageError(f"cannot write into {folder} ({one_line(e)})") from None
 
-
 @contextmanager
 def atomic_path(path):
     """A temporary path (path.tmp) renamed onto `path` when the block ends: never a torn file. If
-    the block fails (a full disk, say), the temporary file is removed and `path` is kept as it was;
-    an OSError becomes one line. (One writer per folder: train.py's lock.)"""
+    the block fails (a full disk, say), path.tmp is removed and `path` kept as it was; an OSError
+    becomes one line. (One writer per folder: train.py's lock.)"""
     tmp = f"{path}.tmp"
     try:
         yield tmp
@@ -103,10 +93,9 @@ def atomic_path(path):
         with suppress(FileNotFoundError):  # renamed already, unless the block failed
             os.remove(tmp)
 
-
 def atomic_save(obj, path):
-    """torch.save through atomic_path; bytes are written as they are. Serialized first, so that a
-    failed write is an OSError."""
+    """torch.save through atomic_path, bytes as they are; serialized first, so that a failed write
+    is an OSError."""
     if not isinstance(obj, bytes):
         buffer = io.BytesIO()
         torch.save(obj, buffer)
@@ -114,29 +103,23 @@ def atomic_save(obj, path):
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(obj)
 
-
 def keep_freed_memory():
-    """glibc (Linux): keep freed memory in the process for the next step, instead of handing it
-    back to the kernel. By default every allocation over 32 MiB gets fresh pages, which the kernel
-    zeroes page by page on first touch: long sequences then spend most of their time in page
-    faults (tests/bench.py measures it). Process-wide, so train.py, prior.py and bench.py call it
-    at start-up; reorder.py keeps no global state. Elsewhere a no-op."""
+    """glibc: keep freed memory for the next step; fresh pages (by default for every block over 32
+    MiB) cost a page fault each, most of a long sequence's time (tests/bench.py). Process-wide:
+    train.py, prior.py and bench.py call it at start-up. A no-op without glibc."""
     with suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-4, 0)  # M_MMAP_MAX: never serve a block by mmap
         libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD: glibc reads -1 as SIZE_MAX, never trim the heap
 
-
-# --------------------------------------------------------------------------------------------------
-# Image data sets
-# --------------------------------------------------------------------------------------------------
+# ---- image data sets -----------------------------------------------------------------------------
 
 class TensorImages(Dataset):
-    """Images held in memory as uint8 [n, C, h, w]: scaled, padded/resized to `size`, normalized."""
+    """Images held as uint8 [n, C, h, w] (10 classes): scaled, resized to `size`, normalized."""
+    num_classes = 10
 
-    def __init__(self, images, labels, size, mean, std, pad_to=None, num_classes=10):
-        self.images, self.labels, self.size, self.pad_to = images, labels, size, pad_to
-        self.num_classes = num_classes
+    def __init__(self, images, labels, size, mean, std):
+        self.images, self.labels, self.size = images, labels, size
         self.mean, self.std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
 
     def __len__(self):
@@ -144,14 +127,10 @@ class TensorImages(Dataset):
 
     def __getitem__(self, i):
         x = self.images[i].float() / 255
-        if self.pad_to:  # Fashion-MNIST: 28 -> 32, the usual padding
-            p = (self.pad_to - x.shape[-1]) // 2
-            x = F.pad(x, (p, p, p, p))
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear",
                               antialias=True)[0]
         return (x - self.mean) / self.std, int(self.labels[i])
-
 
 class SyntheticImages(Dataset):
     """Class templates plus noise, generated from the index alone: for tests and smoke runs."""
@@ -170,19 +149,12 @@ class SyntheticImages(Dataset):
         noise = torch.randn(3, self.size, self.size, generator=g)
         return self.templates[label] * 0.5 + noise, label
 
-
 class SafeImageFolder(Dataset):
-    """torchvision's ImageFolder; an image PIL cannot read, or refuses as too large (a decompression
-    bomb, e.g. a big fMoW tile), is skipped with a one-line warning (None)."""
+    """A torchvision ImageFolder whose images that PIL cannot read, or refuses as too large (a
+    decompression bomb, e.g. a big fMoW tile), are None, with a one-line warning."""
 
-    def __init__(self, root, transform):
-        from torchvision.datasets import ImageFolder
-        try:
-            self.folder = ImageFolder(root, transform=transform)
-        except (FileNotFoundError, RuntimeError) as e:
-            raise UsageError(f"no images in {root}: expected {root}/<class>/<image>.jpg "
-                             f"({e})") from None
-        self.classes = self.folder.classes
+    def __init__(self, folder):
+        self.folder, self.classes = folder, folder.classes
 
     def __len__(self):
         return len(self.folder)
@@ -191,17 +163,15 @@ class SafeImageFolder(Dataset):
         from PIL.Image import DecompressionBombError
         try:
             return self.folder[i]
-        except (OSError, ValueError, DecompressionBombError) as e:  # UnidentifiedImageError: OSError
+        except (OSError, ValueError, DecompressionBombError) as e:  # OSError: unidentified too
             print(f"warning: skipping unreadable image {self.folder.samples[i][0]} "
                   f"({type(e).__name__})", file=sys.stderr)
             return None
-
 
 def collate_skipping_none(batch):
     """default_collate without the unreadable images; None if none of the batch is readable."""
     items = [item for item in batch if item is not None]
     return torch.utils.data.default_collate(items) if items else None
-
 
 def readable_items(dataset, indices=None):
     """The items of `dataset` at `indices` (default: all) that are not unreadable images (None)."""
@@ -209,7 +179,6 @@ def readable_items(dataset, indices=None):
         item = dataset[int(i)]
         if item is not None:
             yield item
-
 
 class Flipped(Dataset):
     """Horizontal flip with probability 1/2, decided by hashing (seed, epoch, index)."""
@@ -227,10 +196,9 @@ class Flipped(Dataset):
             return item
         return item[0].flip(-1), item[1]
 
-
 def download(dataset_class, folder, what, advice):
-    """Download a torchvision data set into `folder` (its files land under folder/...), through a
-    temporary folder, so that a failed download (offline, say) leaves nothing behind."""
+    """A torchvision data set downloaded into `folder` through a temporary folder beside it: a
+    failed download (offline, a broken mirror) is one line and leaves nothing behind."""
     parent = os.path.dirname(os.path.abspath(folder))
     created = not os.path.isdir(parent)
     os.makedirs(parent, exist_ok=True)
@@ -240,7 +208,7 @@ def download(dataset_class, folder, what, advice):
         os.makedirs(folder, exist_ok=True)
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(folder, name))
-    except Exception as e:  # offline, no write access, a broken mirror: one line, no debris
+    except Exception as e:
         raise UsageError(f"{what} is not in {folder} and could not be downloaded ({one_line(e)}): "
                          f"{advice}") from None
     finally:
@@ -248,38 +216,37 @@ def download(dataset_class, folder, what, advice):
         if created and not os.listdir(parent):
             os.rmdir(parent)
 
-
 def read_idx(path):
-    """An IDX file (MNIST's format, gzipped) as a numpy array."""
+    """A gzipped IDX file (MNIST's: 0, 0, 8 for uint8, ndim, big-endian sizes, data) as a tensor."""
     with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * k:8 + 4 * k], "big") for k in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
+        idx = bytearray(f.read())
+    shape = [int.from_bytes(idx[4 + 4 * k:8 + 4 * k], "big") for k in range(idx[3])]
+    return torch.frombuffer(idx, dtype=torch.uint8, offset=4 + 4 * idx[3]).view(shape)
 
 def fashion_mnist(root, split, size):
-    """Fashion-MNIST's IDX files from `root` (or root/FashionMNIST/raw, torchvision's layout). With
-    no --root: Debian's package folder if installed, else ./data, downloaded there when missing."""
+    """Fashion-MNIST's gzipped IDX files in `root` or root/FashionMNIST/raw (torchvision's layout).
+    With no --root: Debian's package folder if installed, else ./data, downloaded when missing."""
     from torchvision.datasets import FashionMNIST
     prefix = "train" if split == "train" else "t10k"
-    names = [f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"]
-    if root is None:
-        root = FMNIST_DIR if os.path.isdir(FMNIST_DIR) else "data"
-    folders = [root, os.path.join(root, "FashionMNIST", "raw")]
-    found = [f for f in folders if all(os.path.exists(os.path.join(f, n)) for n in names)]
-    if not found:
-        download(FashionMNIST, root, f"Fashion-MNIST ({names[0]})",
+    paths = [f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"]
+    root = root or (FMNIST_DIR if os.path.isdir(FMNIST_DIR) else "data")
+    for folder in (root, os.path.join(root, "FashionMNIST", "raw")):
+        if all(os.path.exists(os.path.join(folder, p)) for p in paths):
+            break
+    else:
+        download(FashionMNIST, root, f"Fashion-MNIST ({paths[0]})",
                  "install Debian's dataset-fashion-mnist, or pass --root with its .gz files")
         return fashion_mnist(root, split, size)
-    images, labels = (torch.from_numpy(read_idx(os.path.join(found[0], n)).copy()) for n in names)
-    return TensorImages(images[:, None], labels, size, *MEAN_STD["fashion-mnist"],
-                        pad_to=32 if size >= 32 else None)  # the usual 28 -> 32; 28 as it is
-
+    images, labels = (read_idx(os.path.join(folder, p)) for p in paths)
+    images = images[:, None]
+    if size >= 32:  # the usual 28 -> 32; 28 and below as they are
+        p = (32 - images.shape[-1]) // 2
+        images = F.pad(images, (p, p, p, p))
+    return TensorImages(images, labels, size, *MEAN_STD["fashion-mnist"])
 
 def cifar10(root, split, size):
-    """CIFAR-10's Python pickle batches in root/cifar-10-batches-py (torchvision's reader, which
-    also checks their MD5 sums), downloaded when missing."""
+    """CIFAR-10's pickle batches in root/cifar-10-batches-py, read and MD5-checked by torchvision,
+    downloaded when missing."""
     from torchvision.datasets import CIFAR10
     if not os.path.isdir(os.path.join(root, "cifar-10-batches-py")):
         download(CIFAR10, root, "CIFAR-10",
@@ -291,71 +258,56 @@ def cifar10(root, split, size):
     images = torch.from_numpy(found.data).permute(0, 3, 1, 2).contiguous()  # [n, 3, 32, 32]
     return TensorImages(images, torch.tensor(found.targets), size, *MEAN_STD["cifar10"])
 
-
 def image_folder(root, split, size):
+    """root/split/<class>/<image>: resized by the paper's 256 / 224 (scaled to `size`), cropped."""
     from torchvision import transforms as T
+    from torchvision.datasets import ImageFolder
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         raise UsageError(f"data folder {folder} not found: lay out --root as train/<class>/*.jpg "
                          f"and val/<class>/*.jpg")
-    mean, std = MEAN_STD["folder"]
     transform = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(),
-                           T.Normalize(mean, std)])  # the paper's 256 / 224, scaled to any size
-    return SafeImageFolder(folder, transform)
+                           T.Normalize(*MEAN_STD["folder"])])
+    try:
+        return SafeImageFolder(ImageFolder(folder, transform=transform))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UsageError(f"no images in {folder}: expected {folder}/<class>/<image>.jpg "
+                         f"({e})") from None
 
-
-# --------------------------------------------------------------------------------------------------
-# Known-answer tasks for orderings: the label needs pairs of patches compared, so an order that
-# puts partners side by side lets a small window see what the label depends on.
-# --------------------------------------------------------------------------------------------------
+# ---- known-answer tasks: the label compares pairs of patches, far apart in row-major order ------
 
 def pairs_of(h, w, gap):
-    """[h*w/2, 2] patch ids (first, partner): (r, c) with (r + gap, c) for the rows r with
-    r // gap even. gap = h/2 pairs the top half with the bottom half; gap = 1 each even row with
-    the row below it."""
+    """[h*w/2, 2] patch ids (first, partner): (r, c) with (r + gap, c), for the rows r with r // gap
+    even. gap = h/2: the top half with the bottom half; gap = 1: each even row with the next."""
     r = torch.arange(h)
-    first_rows = r[(r // gap) % 2 == 0]
-    first = (first_rows[:, None] * w + torch.arange(w)).flatten()
+    first = (r[(r // gap) % 2 == 0][:, None] * w + torch.arange(w)).flatten()
     return torch.stack([first, first + gap * w], 1)
 
-
 def pair_order(h, w, gap=None):
-    """[h*w]: the order that puts every patch right before its partner (PairImages), the pairs
-    in row-major order of their first patch."""
+    """[h*w]: every patch right before its partner, the pairs in row-major order of the first."""
     return pairs_of(h, w, gap or h // 2).flatten()
 
-
 def pair_gaps(perm, h, w, gap=None):
-    """How many slots apart the two patches of each pair sit in the order(s) perm:
-    [..., N] -> [..., pairs]."""
+    """Slots between the two patches of each pair in the order(s) perm: [..., N] -> [..., pairs]."""
     slots, pairs = perm.argsort(-1), pairs_of(h, w, gap or h // 2)  # slots: where each patch sits
     return (slots[..., pairs[:, 0]] - slots[..., pairs[:, 1]]).abs().float()
-
 
 def pair_distance(perm, h, w, gap=None):
     """Mean number of slots between the two patches of a pair: [..., N] -> [...]."""
     return pair_gaps(perm, h, w, gap).mean(-1)
 
-
 class PairImages(Dataset):
     """Each patch shows one bit (plus noise); patch (r, c) is paired with (r + gap, c) (pairs_of).
 
-    Label 0: every partner repeats its first patch's bit. Label 1: a fraction `mismatch` of the
-    pairs, chosen at random, differ. Each patch alone is uniformly random, so chance is 50%.
-    --data pairs: gap = h/2, the top half against the bottom half, half of the pairs differing
-    for label 1; row-major puts every pair h/2 · w slots apart, far beyond a small window.
-    --data neighbours: gap = 1, each even row against the row below, every pair differing for
-    label 1, so that any one pair in reach decides the label (a model can then learn to use
-    whichever pairs an order brings together); w slots apart in row-major, 1 in column-major.
-    `pair_order` puts the partners side by side. Generated from the index alone; a horizontal
-    flip keeps the label.
-    Answers: the pairing order reaches ~100%. With `balanced` (neighbours) exactly half of the
-    first patches are dark for either label, so both labels have exactly half of all patches dark
-    and half of each row pair's: counting dark patches, an order-blind shortcut, gives 50%
-    (without it, 92.45% on neighbours, 58.55% on pairs: label 1 then has exactly half dark, label
-    0 only with probability C(32, 16) / 2^32 = 14% on an 8 x 8 grid). Only reading pairs helps.
+    Label 0: every partner repeats its first patch's bit; label 1: a fraction `mismatch` of the
+    pairs, at random, differ. Each patch alone is uniformly random: chance is 50%. --data pairs:
+    gap = h/2, half of the pairs differ, h/2 · w slots apart in row-major order, far beyond a small
+    window. --data neighbours: gap = 1, every pair differs, so any one pair in reach decides the
+    label; w slots apart in row-major order, 1 in column-major. pair_order reaches ~100%. With
+    `balanced`, exactly half of the first patches are dark, so both labels have half of all
+    patches dark: counting them, an order-blind shortcut, gives 50% (not 92.45% on neighbours,
+    58.55% on pairs). Generated from the index alone; a horizontal flip keeps the label.
     """
-
     num_classes = 2
 
     def __init__(self, n, size, patch, gap=None, offset=0, mismatch=0.5, noise=0.5,
@@ -364,12 +316,10 @@ class PairImages(Dataset):
         gap = gap or h // 2
         if h % (2 * gap):
             raise UsageError(f"this pairs task needs a multiple of {2 * gap} patch rows, got {h} "
-                             f"(--img-size {size} / --patch {patch}): e.g. --img-size 32 "
-                             f"--patch 4")
+                             f"(--img-size {size} / --patch {patch}): e.g. --img-size 32 --patch 4")
         self.n, self.patch, self.grid, self.offset = n, patch, (h, w), offset
-        self.pairs = pairs_of(h, w, gap)
-        self.mismatches, self.noise = round(mismatch * len(self.pairs)), noise
-        self.balanced = balanced
+        self.pairs, self.noise, self.balanced = pairs_of(h, w, gap), noise, balanced
+        self.mismatches = round(mismatch * len(self.pairs))
 
     def __len__(self):
         return self.n
@@ -398,23 +348,20 @@ class PairImages(Dataset):
         image = cells.permute(0, 2, 1, 3).reshape(bits.shape[0] * p, -1)  # [h*p, w*p]
         return (image + self.noise * torch.randn(image.shape, generator=g))[None], label
 
-
-# --------------------------------------------------------------------------------------------------
-# Building a data set by name
-# --------------------------------------------------------------------------------------------------
+# ---- a data set by name --------------------------------------------------------------------------
 
 def build_dataset(data, root, split, img_size, augment=False, seed=0, subset=None, patch=4):
     """The data set `data` (one of DATASETS) for `split` ("train" or "val"); `patch` matters only
-    to the pairs tasks, whose bits are drawn per patch. `subset` keeps a fixed random K images."""
+    to the pairs tasks. `subset` keeps a fixed random K images, the same for every seed."""
+    train = split == "train"
     if data == "synthetic":
-        dataset = SyntheticImages((subset or 2048) if split == "train" else 512, img_size,
-                                  offset=0 if split == "train" else 10**6)
+        dataset = SyntheticImages((subset or 2048) if train else 512, img_size,
+                                  offset=0 if train else 10**6)
     elif data in ("pairs", "neighbours"):  # generated: train and val differ by their seeds
         neighbours = data == "neighbours"
-        dataset = PairImages((subset or 50000) if split == "train" else 5000, img_size, patch,
+        dataset = PairImages((subset or 50000) if train else 5000, img_size, patch,
                              gap=1 if neighbours else None, mismatch=1.0 if neighbours else 0.5,
-                             balanced=neighbours,
-                             offset=0 if split == "train" else 10**7)
+                             balanced=neighbours, offset=0 if train else 10**7)
     elif data == "fashion-mnist":
         dataset = fashion_mnist(root, split, img_size)
     elif data == "cifar10":
@@ -427,11 +374,10 @@ def build_dataset(data, root, split, img_size, augment=False, seed=0, subset=Non
         raise UsageError(f"unknown --data {data!r}: choose one of {', '.join(DATASETS)}")
     if len(dataset) == 0:
         raise UsageError(f"the {split} split of --data {data} is empty")
-    if subset and len(dataset) > subset:  # a fixed subset, the same for every --seed
+    if subset and len(dataset) > subset:
         keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:subset]
         dataset = Subset(dataset, keep.tolist())
     return Flipped(dataset, seed) if augment else dataset
-
 
 def base_dataset(dataset):
     """The data set under any Subset / Flipped wrappers."""
@@ -439,22 +385,17 @@ def base_dataset(dataset):
         dataset = dataset.dataset
     return dataset
 
-
 def num_classes_of(dataset):
     base = base_dataset(dataset)
     return len(base.classes) if hasattr(base, "classes") else base.num_classes
 
-
-# --------------------------------------------------------------------------------------------------
-# Saved orders: {"perm": LongTensor [N], "grid": [h, w]}, what train.py writes as order.pt
-# --------------------------------------------------------------------------------------------------
+# ---- saved orders: {"perm": LongTensor [N], "grid": [h, w]}, train.py's order.pt -----------------
 
 def save_order(path, perm, grid):
     atomic_save({"perm": perm.cpu(), "grid": list(grid)}, path)
 
-
 def load_order(path, grid):
-    """A saved order (order.pt of a run, or a LongTensor) of the h x w `grid`, checked where it
+    """A saved order (a run's order.pt, or a LongTensor) of the h x w `grid`, checked where it
     enters: integers, a permutation of 0..h*w-1, saved for the same grid."""
     if not os.path.isfile(path):
         raise UsageError(f"unknown order {path!r}: give one of {', '.join(reorder.ORDERS)}, "
@@ -471,10 +412,8 @@ def load_order(path, grid):
         raise UsageError(f"order file {path} is not an order of {grid[0]} x {grid[1]} patches "
                          f"({one_line(e)})") from None
 
-
 VIRIDIS = torch.tensor([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]],
                        dtype=torch.float)
-
 
 def draw_orders(path, grid, orders, columns=4):
     """One PNG of orders ({title: perm}) side by side: each patch coloured by its slot (dark =
@@ -482,8 +421,8 @@ def draw_orders(path, grid, orders, columns=4):
     from PIL import Image, ImageDraw
     (h, w), cell, columns = grid, max(6, 224 // max(grid)), min(columns, len(orders))
     pw, ph = w * cell, h * cell
-    sheet = Image.new("RGB", (columns * (pw + 12) + 12, -(-len(orders) // columns) * (ph + 30) + 12),
-                      "white")
+    rows = -(-len(orders) // columns)
+    sheet = Image.new("RGB", (columns * (pw + 12) + 12, rows * (ph + 30) + 12), "white")
     pen = ImageDraw.Draw(sheet)
     for k, (title, perm) in enumerate(orders.items()):
         x0, y0 = 12 + (k % columns) * (pw + 12), 12 + (k // columns) * (ph + 30)

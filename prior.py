@@ -1,16 +1,12 @@
 """The compressibility prior (§4 of the paper): how compressible is each ordering's patch sequence?
 
-The paper tokenizes images with a VQ tokenizer, writes each image's tokens in every ordering as a
-unigram and a bigram stream, compresses them with LZMA and compares the size reduction. Its code and
-tokenizer (Chameleon's) are not available, so we rebuild the measurement from parts we own:
-
-1. a k-means codebook over patch vectors of the sample (the "VQ" step; torch, seeded),
-2. each image's code sequence in every ordering: a unigram stream (one symbol per code) and a bigram
-   stream (one symbol per non-overlapping pair of codes), fixed-width little-endian bytes,
-3. LZMA2 in raw format; compression = % size reduction of the payload, with LZMA2's own chunk
-   framing (a few bytes per stream) not counted, so incompressible data scores 0%,
-4. mean and standard error over images, a rank per ordering, and the ordering to start the policy
-   from: the least compressible one, as the paper's introduction does.
+The paper LZMA-compresses each image's VQ tokens (Chameleon's tokenizer, not released) in every
+ordering, as a unigram and a bigram stream. We rebuild it from parts we own: (1) a seeded k-means
+codebook over the sample's patch vectors (the "VQ" step); (2) each image's codes in every ordering
+as a unigram and a non-overlapping bigram stream of fixed-width little-endian symbols; (3) raw
+LZMA2, compression = % size reduction of the payload without LZMA2's chunk framing, so that
+incompressible data scores 0%; (4) mean ± standard error over images, a rank per ordering, and
+the ordering to start the policy from: the least compressible one, as in the paper's introduction.
 
     python prior.py --data fashion-mnist --n 1000 --img-size 32 --patch 4 --out prior.json
 """
@@ -24,6 +20,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -31,7 +28,6 @@ from tqdm import tqdm
 
 import data
 import reorder
-
 
 def fit_codebook(vectors: torch.Tensor, size: int, seed: int = 0, iters: int = 20,
                  max_points: int = 20000) -> torch.Tensor:
@@ -52,7 +48,6 @@ def fit_codebook(vectors: torch.Tensor, size: int, seed: int = 0, iters: int = 2
             centres[empty] = points[worst[:int(empty.sum())]]
     return centres
 
-
 def encode(vectors: torch.Tensor, codebook: torch.Tensor, block: int = 65536) -> torch.Tensor:
     """Nearest codebook entry of every vector: [..., D] -> [...] (int64), in blocks of memory."""
     flat = vectors.reshape(-1, vectors.shape[-1]).float()
@@ -60,44 +55,34 @@ def encode(vectors: torch.Tensor, codebook: torch.Tensor, block: int = 65536) ->
                        for i in range(0, len(flat), block)])
     return codes.reshape(vectors.shape[:-1])
 
-
 def payload_bytes(stream: bytes, preset: int = 6) -> int:
     """Size of `stream` compressed by raw LZMA2, without LZMA2's chunk headers and end marker."""
     # A dictionary as large as the stream compresses exactly as the preset's 8 MiB one, 30x faster.
     dict_size = max(4096, 1 << max(len(stream) - 1, 1).bit_length())
-    blob = lzma.compress(stream, format=lzma.FORMAT_RAW,
-                         filters=[{"id": lzma.FILTER_LZMA2, "preset": preset,
-                                   "dict_size": dict_size}])
+    blob = lzma.compress(stream, format=lzma.FORMAT_RAW, filters=[
+        {"id": lzma.FILTER_LZMA2, "preset": preset, "dict_size": dict_size}])
     size, i = 0, 0
-    # walk the chunks: 0x01/0x02 stored, 0x80.. LZMA (one more props byte from 0xC0), 0x00 the end
-    while blob[i] != 0x00:
-        control = blob[i]
-        if control in (0x01, 0x02):
-            stored = (blob[i + 1] << 8 | blob[i + 2]) + 1
-            size, i = size + stored, i + 3 + stored
-        else:
-            packed = (blob[i + 3] << 8 | blob[i + 4]) + 1
-            header = 6 if control >= 0xC0 else 5
-            size, i = size + packed, i + header + packed
+    while blob[i] != 0x00:  # the chunks, up to the end marker 0x00
+        if blob[i] < 0x80:  # 0x01, 0x02 stored: control, size - 1 (2 bytes), the data
+            header, n = 3, int.from_bytes(blob[i + 1:i + 3], "big") + 1
+        else:  # LZMA: control, unpacked size, packed size - 1 (2 bytes), props from 0xC0, data
+            header, n = 5 + (blob[i] >= 0xC0), int.from_bytes(blob[i + 3:i + 5], "big") + 1
+        size, i = size + n, i + header + n
     return size
-
 
 def streams(codes: np.ndarray, codebook_size: int):
     """(unigram, bigram) byte streams of one code sequence [N], fixed-width little-endian symbols.
 
-    Bigram tokens are non-overlapping pairs (c0 c1)(c2 c3)..., symbol c_2k * K + c_2k+1, so a
-    codebook of 256 gives exactly 1- and 2-byte symbols with no slack bits for LZMA to find; an odd
-    last code is left out of the bigram stream. (Overlapping pairs would write every code twice, a
-    redundancy that even noise would "compress".)
+    Bigrams are non-overlapping pairs (c0 c1)(c2 c3)..., symbol c_2k * K + c_2k+1 (an odd last code
+    left out): a codebook of 256 gives exactly 1- and 2-byte symbols, no slack bits for LZMA to
+    find. (Overlapping pairs would write every code twice, a redundancy even noise "compresses".)
     """
     K = codebook_size
     pairs = codes[0:len(codes) - 1:2].astype(np.int64) * K + codes[1::2]
     return codes.astype(_dtype(K)).tobytes(), pairs.astype(_dtype(K * K)).tobytes()
 
-
 def _dtype(vocabulary: int) -> str:
     return next(f"<u{b}" for b in (1, 2, 4, 8) if vocabulary <= 1 << (8 * b))
-
 
 def score_images(job):
     """Compression % [n, orders, 2 (unigram, bigram)] of a block of code sequences (one job)."""
@@ -110,11 +95,11 @@ def score_images(job):
                 out[i, j, s] = 100.0 * saved
     return out
 
-
 def _default_signals():
+    """A worker leaves Ctrl-C to the parent and dies by SIGTERM, which ends the pool, even when
+    forked from train.py's handlers (otherwise a deadlock)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
 
 def compressibility(images: torch.Tensor, patch_size: int, orders=None, codebook: int = 256,
                     seed: int = 0, preset: int = 6, workers=None, progress: bool = True) -> dict:
@@ -135,23 +120,15 @@ def compressibility(images: torch.Tensor, patch_size: int, orders=None, codebook
     perms = np.stack([perm.numpy() for perm in orders.values()])
 
     workers = workers or os.cpu_count() or 1
-    # about 4 jobs a worker: balanced, with little to send between processes
-    block = max(1, min(256, math.ceil(len(codes) / (4 * workers))))
+    block = max(1, min(256, math.ceil(len(codes) / (4 * workers))))  # ~4 jobs a worker
     jobs = [(codes[i:i + block], perms, len(centres), preset) for i in range(0, len(codes), block)]
-    bar = tqdm(total=len(codes), desc="prior", unit="img", disable=not progress, leave=False)
+    pool = mp.get_context().Pool(workers, _default_signals) if workers > 1 else nullcontext()
     results = []
-    if workers == 1:
-        for job in jobs:
-            results.append(score_images(job))
-            bar.update(len(job[0]))
-    else:
-        # workers leave Ctrl-C to the parent and die by SIGTERM, which ends the pool, even under
-        # train.py's handlers (inherited when forked)
-        with mp.get_context().Pool(workers, _default_signals) as pool:
-            for result in pool.imap(score_images, jobs):
-                results.append(result)
-                bar.update(len(result))
-    bar.close()
+    with pool, tqdm(total=len(codes), desc="prior", unit="img", disable=not progress,
+                    leave=False) as bar:
+        for result in (pool.imap if workers > 1 else map)(score_images, jobs):
+            results.append(result)
+            bar.update(len(result))
     scores = np.concatenate(results)  # [n, orders, 2]
 
     mean = scores.mean(0)
@@ -164,14 +141,12 @@ def compressibility(images: torch.Tensor, patch_size: int, orders=None, codebook
             for j, name in enumerate(orders)}
     return {"grid": [h, w], "images": len(codes), "codebook": len(centres), "orders": rows}
 
-
 def pick(table: dict):
     """The ordering to start the policy from: the least compressible (the paper's introduction);
     None in a tie for it (constant images, --codebook 1), where the prior prefers none."""
     scores = {name: row["score"] for name, row in table["orders"].items()}
     least = [name for name, score in scores.items() if score == min(scores.values())]
     return least[0] if len(least) == 1 else None
-
 
 def format_table(table: dict) -> str:
     lines = [f"{'order':<10} {'unigram %':>16} {'bigram %':>16} {'rank':>5}"]
@@ -180,10 +155,9 @@ def format_table(table: dict) -> str:
                      f"{row['bigram']:>8.2f} ± {row['bigram_se']:<5.2f} {row['rank']:>5}")
     return "\n".join(lines)
 
-
 def sample_images(dataset, n: int, seed: int) -> torch.Tensor:
-    """n images of a dataset of (image, label), drawn reproducibly, stacked [n, C, H, W];
-    unreadable images (None) are skipped."""
+    """n images [n, C, H, W] of a dataset of (image, label), drawn reproducibly; unreadable images
+    (None) are skipped."""
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
     if len(dataset) == 0:
@@ -194,24 +168,21 @@ def sample_images(dataset, n: int, seed: int) -> torch.Tensor:
         raise ValueError("no readable image in the dataset: every one failed to load")
     return torch.stack(images)
 
-
 def main(argv=None):
     ap = data.OneLineParser(description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="fashion-mnist", choices=data.DATASETS)
-    ap.add_argument("--root", default=None, help="data folder (default: the dataset's usual place)")
-    count = data.number(int, 1)
-    ap.add_argument("--n", type=count, default=1000, help="images to sample from the training split")
-    ap.add_argument("--img-size", type=count, default=32)
-    ap.add_argument("--patch", type=count, default=4)
-    ap.add_argument("--codebook", type=count, default=256, help="k-means codes (the VQ vocabulary)")
-    ap.add_argument("--preset", type=int, default=6, choices=range(10), help="LZMA preset")
-    ap.add_argument("--seed", type=data.number(int, 0, high=2 ** 32 - 2), default=0)
-    ap.add_argument("--workers", type=count, default=os.cpu_count(),
-                    help="processes (default: all cores)")
-    ap.add_argument("--order-file", action="append", default=[],
-                    help="also score a saved order (repeatable)")
-    ap.add_argument("--out", default="prior.json", help="the table as JSON (its folder is made)")
+    a, count = ap.add_argument, data.number(int, 1)
+    a("--data", default="fashion-mnist", choices=data.DATASETS)
+    a("--root", default=None, help="data folder (default: the dataset's usual place)")
+    a("--n", type=count, default=1000, help="images to sample from the training split")
+    a("--img-size", type=count, default=32)
+    a("--patch", type=count, default=4)
+    a("--codebook", type=count, default=256, help="k-means codes (the VQ vocabulary)")
+    a("--preset", type=int, default=6, choices=range(10), help="LZMA preset")
+    a("--seed", type=data.number(int, 0, high=2 ** 32 - 2), default=0)
+    a("--workers", type=count, default=os.cpu_count(), help="processes (default: all cores)")
+    a("--order-file", action="append", default=[], help="also score a saved order (repeatable)")
+    a("--out", default="prior.json", help="the table as JSON (its folder is made)")
     args = ap.parse_args(argv)
 
     try:  # every check before loading any data
@@ -231,13 +202,13 @@ def main(argv=None):
         table = compressibility(images, args.patch, orders, args.codebook, args.seed, args.preset,
                                 args.workers)
         seconds = time.perf_counter() - start
+        table.update(pick=pick(table), config=vars(args))
         print(format_table(table))
-        print(f"start the policy from: {pick(table)} (the least compressible ordering)"
-              if pick(table) else "a tie: no one ordering is the least compressible, so the "
-                                  "prior picks none")
+        print(f"start the policy from: {table['pick']} (the least compressible ordering)"
+              if table["pick"] else "a tie: no one ordering is the least compressible, so the "
+                                    "prior picks none")
         print(f"{table['images']} images x {len(orders)} orderings x 2 streams in {seconds:.1f} s "
               f"({table['images'] / seconds:.0f} images/s, {args.workers} workers)")
-        table.update(pick=pick(table), config=vars(args))
         os.makedirs(folder, exist_ok=True)
         with data.atomic_path(args.out) as tmp, open(tmp, "w") as f:
             json.dump(table, f, indent=1, sort_keys=True)
@@ -245,7 +216,6 @@ def main(argv=None):
         print(f"prior.py: error: {e}", file=sys.stderr)
         return 2
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
