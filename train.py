@@ -28,7 +28,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 import data
@@ -299,7 +299,7 @@ def claim(args, steps_per_epoch, num_patches):
             if k not in RESUME_MAY_CHANGE + NO_NUMBER and saved.get(k) != v]
     if diff or not isinstance(ckpt, dict):
         fail(f"checkpoint {last} does not match this run: it was trained with "
-                  f"{', '.join(diff[:3]) or 'another layout'}; use the same flags, or another --out")
+                  f"{', '.join(diff[:3]) or 'another layout'}: use the same flags or another --out")
     p, types = ckpt.get("progress"), dict(epoch=int, done_in_epoch=int, history=list, sums=dict,
                                           changed=dict)
     if not (isinstance(p, dict) and all(type(p.get(k)) is t for k, t in types.items())
@@ -338,7 +338,7 @@ def resume(state, ckpt, args, schedule, device, policy_gen):
     return changed
 
 
-def save(out, ckpt, grid, order_now=None):
+def save(out, ckpt, grid, order_now=False):
     """last.pt, the whole state in one dict, written atomically by rank 0. At an epoch's end
     (order_now given) first that epoch's outputs: best.pt if it is the best so far, metrics.jsonl,
     order.pt, order.png; last.pt comes last, so a kill in between leaves outputs that the resumed
@@ -347,7 +347,7 @@ def save(out, ckpt, grid, order_now=None):
         return
     buffer = io.BytesIO()  # serialized once, for last.pt and best.pt
     torch.save(ckpt, buffer)
-    if order_now is not None:
+    if order_now is not False:
         history = ckpt["progress"]["history"]
         tops = [line["val_top1"] for line in history]
         if tops.index(max(tops)) == len(tops) - 1:
@@ -422,36 +422,25 @@ def initial_order(args, grid, train_set):
     return reorder.order(pick[0], *grid), f"prior:{pick[0]}", table
 
 
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler (a seeded shuffle per epoch, a shard per rank) that can start part-way."""
-
-    def __init__(self, dataset, shuffle, seed):
-        super().__init__(dataset, WORLD, RANK, shuffle=shuffle, seed=seed, drop_last=shuffle)
-        self.skip = 0
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
-
-    def __len__(self):
-        return super().__len__() - self.skip
-
-
-def make_loaders(args, train_set, val_set, device):
-    """(train sampler, train loader, val loader): a shard per rank, workers only for folders."""
-    workers = args.workers
-    if workers is None:
-        workers = min(8, os.cpu_count() or 1) if args.data in ("imagenet", "fmow", "folder") else 0
-    common = dict(num_workers=workers, pin_memory=device.type == "cuda",
-                  collate_fn=data.collate_skipping_none, worker_init_fn=ignore_signals)
-    sampler = ResumableSampler(train_set, shuffle=True, seed=args.seed)
-    return (sampler, DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True,
-                                **common),
-            DataLoader(val_set, args.batch_size, sampler=ResumableSampler(val_set, False, 0),
-                       **common))
+def make_loader(dataset, args, device, shuffle=True, epoch=0, skip=0):
+    """A loader over this rank's shard (DistributedSampler: a shuffle seeded by seed and epoch),
+    `skip` batches in (a resumed epoch); loader workers only for image folders."""
+    shard = DistributedSampler(dataset, WORLD, RANK, shuffle=shuffle, seed=args.seed,
+                               drop_last=shuffle)
+    shard.set_epoch(epoch)
+    workers = args.workers if args.workers is not None else \
+        min(8, os.cpu_count() or 1) if args.data in ("imagenet", "fmow", "folder") else 0
+    return DataLoader(Subset(dataset, list(shard)[skip * args.batch_size:]), args.batch_size,
+                      drop_last=shuffle, num_workers=workers, pin_memory=device.type == "cuda",
+                      collate_fn=data.collate_skipping_none, worker_init_fn=ignore_signals)
 
 
-def build_state(args, model, start_perm, device, steps_per_epoch):
-    """(state, schedule): every object a checkpoint restores, by name, and the lr schedule."""
+def begin(args, model, train_set, device, steps_per_epoch):
+    """Under the lock: (state, progress, meta, policy generator, resumed). The state holds every
+    object a checkpoint restores, by name; meta, what it keeps besides (start order, flags)."""
+    ckpt = claim(args, steps_per_epoch, model.num_patches)  # what --resume continues, or None
+    start_perm, order_name, prior_table = (ckpt["start_perm"], ckpt.get("order_name"), None) \
+        if ckpt else initial_order(args, model.grid, train_set)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     schedule = functools.partial(lr_factor, warmup_steps=args.warmup_epochs * steps_per_epoch,
                                  total_steps=args.epochs * steps_per_epoch)
@@ -461,9 +450,17 @@ def build_state(args, model, start_perm, device, steps_per_epoch):
                                             == torch.float16),
              "baseline": reorder.EMABaseline(0.99)}
     if args.learn_order:  # the policy stays float32 under AMP
-        state["policy"] = reorder.PlackettLuce.from_order(start_perm.cpu()).to(device)
+        state["policy"] = reorder.PlackettLuce.from_order(start_perm).to(device)
         state["policy_opt"] = policy_optimizer(state["policy"], args.policy_lr)
-    return state, schedule
+    policy_gen = torch.Generator().manual_seed(args.seed + 1)  # CPU: the same orders anywhere
+    progress = {"epoch": 0, "done_in_epoch": 0, "history": [], "sums": {}, "changed": {}}
+    if ckpt:
+        changed = resume(state, ckpt, args, schedule, device, policy_gen)
+        progress = {**ckpt["progress"], "changed": {**ckpt["progress"]["changed"], **changed}}
+    else:
+        write_config(args, model, order_name, steps_per_epoch, prior_table)
+    meta = {"start_perm": start_perm.cpu(), "order_name": order_name, "config": vars(args)}
+    return state, progress, meta, policy_gen, ckpt is not None
 
 
 def rng_state(device, policy_gen):
@@ -493,56 +490,41 @@ def train(args):
     torch.manual_seed(args.seed)
     train_set, val_set, model = check_inputs(args)
     grid, model, dtype = model.grid, model.to(device), amp_dtype(args.amp, device)
-    sampler, loader, val_loader = make_loaders(args, train_set, val_set, device)
-    steps_per_epoch = len(sampler) // args.batch_size
+    val_loader = make_loader(val_set, args, device, shuffle=False)
+    steps_per_epoch = len(make_loader(train_set, args, device))
     with run_folder(args.out), signals_to_flag() as caught:
-        ckpt = claim(args, steps_per_epoch, model.num_patches)  # what --resume continues, or None
-        start_perm, order_name, prior_table = (ckpt["start_perm"], ckpt.get("order_name"), None) \
-            if ckpt else initial_order(args, grid, train_set)
-        state, schedule = build_state(args, model, start_perm, device, steps_per_epoch)
-        optimizer, scheduler, scaler, policy = (state.get(k) for k in ("optimizer", "scheduler",
-                                                                       "scaler", "policy"))
-        policy_gen = torch.Generator().manual_seed(args.seed + 1)  # CPU: the same orders anywhere
-        progress = {"epoch": 0, "done_in_epoch": 0, "history": [], "sums": {}, "changed": {}}
-        if ckpt:
-            changed = resume(state, ckpt, args, schedule, device, policy_gen)
-            progress = {**ckpt["progress"], "changed": {**ckpt["progress"]["changed"], **changed}}
-        else:
-            write_config(args, model, order_name, steps_per_epoch, prior_table)
-        start_perm = start_perm.to(device)
-        meta = {"start_perm": start_perm.cpu(), "order_name": order_name, "config": vars(args)}
+        state, progress, meta, policy_gen, resumed = begin(args, model, train_set, device,
+                                                           steps_per_epoch)
+        optimizer, scheduler, scaler, policy = map(state.get, ("optimizer", "scheduler", "scaler",
+                                                               "policy"))
+        start_perm = meta["start_perm"].to(device)
         net = torch.compile(model) if args.compile else model
-        if WORLD > 1:
-            net = torch.nn.parallel.DistributedDataParallel(
-                net, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(net) if WORLD > 1 else net
 
-        def current_order():
-            return policy.mode() if policy is not None else start_perm
-
+        current_order = policy.mode if policy is not None else (lambda: start_perm)
         def checkpoint(rng):  # everything --resume needs, in one dict
             return {**{k: v.state_dict() for k, v in state.items()}, **meta,
                     "progress": progress, "rng": rng}
-        saved = (progress["epoch"], progress["done_in_epoch"]) if ckpt else None  # in last.pt
-        due = None  # a checkpoint asked for: "step", or "epoch" (with the epoch's outputs)
+        # where last.pt is; a checkpoint asked for: "step", or "epoch" (with the epoch's outputs)
+        saved, due = (progress["epoch"], progress["done_in_epoch"]) if resumed else None, None
         while progress["epoch"] < args.epochs:
             t0, epoch = time.time(), progress["epoch"]
-            sampler.set_epoch(epoch)
-            sampler.skip = progress["done_in_epoch"] * args.batch_size
-            loader.dataset.epoch = epoch
-            bar = tqdm(loader, f"epoch {epoch}", total=steps_per_epoch, leave=False,
-                       initial=progress["done_in_epoch"], disable=not WRITER or args.quiet)
+            train_set.epoch = epoch  # the flips of this epoch
+            bar = tqdm(make_loader(train_set, args, device, True, epoch, progress["done_in_epoch"]),
+                       f"epoch {epoch}", steps_per_epoch, initial=progress["done_in_epoch"],
+                       leave=False, disable=not WRITER or args.quiet)
             for batch in bar:
                 step = epoch * steps_per_epoch + progress["done_in_epoch"]
                 rng = rng_state(device, policy_gen)  # what a checkpoint of this point restores
                 if batch is None:  # every image of it was unreadable (each one warned)
                     progress["done_in_epoch"] += 1
                     continue
-                x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+                x, y = (t.to(device, non_blocking=True) for t in batch)
                 stage, tau = phase(step, args, steps_per_epoch)
 
-                # 1. the orders: while learning, K samples from the policy (rank 0's, on every
-                #    rank), one for the batch [K, N] or one per image [K, B, N]; before, the start
-                #    order (or samples around it at --fixed-tau); after, the policy's mode
+                # 1. the orders: while learning, K samples of the policy (rank 0's) for the batch
+                #    [K, N] or per image [K, B, N]; before, the start (or, at --fixed-tau, samples
+                #    around it); after, the policy's mode
                 if tau > 0:
                     perms = sample_orders(policy, args.orders_per_step if stage == "learn" else 1,
                                           tau, policy_gen,
@@ -563,7 +545,7 @@ def train(args):
                 # 3. the state before this step gave a finite loss and gradients: write the
                 #    checkpoint asked for now (and at Ctrl-C or SIGTERM, then exit); then step
                 if due or stop:
-                    save(args.out, checkpoint(rng), grid, current_order() if due == "epoch" else None)
+                    save(args.out, checkpoint(rng), grid, due == "epoch" and current_order())
                     saved, due = (epoch, progress["done_in_epoch"]), None
                 if stop:
                     interrupted(caught[0], args.out, saved, steps_per_epoch)

@@ -25,7 +25,6 @@ A script, not a test: nothing here asserts a time (tests/test_model.py runs --ti
 process calls data.keep_freed_memory(), as train.py does. Sizes above are the full run's.
 """
 import argparse
-import inspect
 import os
 import math
 import statistics
@@ -227,13 +226,15 @@ def bench_scan(args, device):
 
 
 def training_step(model, optimizer, images, labels, perms, dtype):
-    """train.model_step on fixed inputs: train on perms[0], score perms[1:] (train.py's K orders),
-    cross-entropy, backward, clip 5, AdamW."""
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    """train.py's step on fixed inputs: train.model_step (train on perms[0], score perms[1:],
+    cross-entropy, backward, clip 5), then the AdamW step."""
     scaler = torch.amp.GradScaler(images.device.type, enabled=dtype == torch.float16)
-    extra = [scheduler] if "scheduler" in inspect.signature(train.model_step).parameters else []
-    return lambda: train.model_step(model, optimizer, *extra, scaler, images, labels, perms,
-                                    dtype, 5.0)
+
+    def step():
+        train.model_step(model, optimizer, scaler, images, labels, perms, dtype, 5.0)
+        scaler.step(optimizer)
+        scaler.update()
+    return step
 
 
 def setup(preset, img_size, patch, batch, device, **cfg):
