@@ -57,7 +57,18 @@ TASK_REORDER = ["--epochs", "9", "--learn-order", "--policy-start", "2", "--poli
                 "--fixed-tau", "100", "--granularity", "image", "--policy-lr", "0.3"]
 TASK_SEEDS = (0, 1, 2)
 TASK_GRID = reorder.grid_size(32, 4)
-GROUPS = ("fixed", "control", "reorder", "neighbours", "pairs")
+# The plateau budget (docs/results-plateau.md): a smaller model trained until val top-1 stops
+# moving; REOrder at the paper's proportions, 15% fixed, 30% learning, 55% fine-tuning
+PLATEAU_EPOCHS = 40
+PLATEAU = ["--data", "fashion-mnist", "--img-size", "28", "--patch", "4", "--subset", "2000",
+           "--val-subset", "2000", "--epochs", str(PLATEAU_EPOCHS), "--batch-size", "32",
+           "--lr", "3e-3", "--warmup-epochs", "2", "--dim", "32", "--depth", "2", "--heads", "2"]
+PLATEAU_REORDER = ["--learn-order", "--policy-start", str(round(0.15 * PLATEAU_EPOCHS)),
+                   "--policy-epochs", str(round(0.30 * PLATEAU_EPOCHS)), "--granularity", "image",
+                   "--orders-per-step", "4", "--policy-lr", "0.03", "--tau-max", "0.05"]
+PLATEAU_ORDERS = ("row", "column", "spiral")  # the paper's two best and its worst (Mamba, TXL)
+PLATEAU_START = {"causal": "spiral", "bimamba": "spiral", "mamba": "spiral"}  # worst measured
+GROUPS = ("fixed", "control", "reorder", "neighbours", "pairs", "plateau", "plateau-reorder")
 
 
 def flag(args, name):
@@ -65,9 +76,20 @@ def flag(args, name):
     return args[args.index(name) + 1]
 
 
-def runs(groups, out, seeds=SEEDS):
+def runs(groups, out, seeds=SEEDS, mixers=tuple(PLATEAU_START), orders=PLATEAU_ORDERS,
+         task_seeds=TASK_SEEDS, root=None):
     """[(group, mixer, order, seed, train.py arguments)] of the chosen groups."""
     jobs = []
+    where = ["--root", root] if root else []
+    for seed, mixer in itertools.product(seeds, (m for m in mixers if m in reorder.MIXERS)):
+        common = PLATEAU + where + ["--mixer", mixer, "--seed", str(seed)]
+        if "plateau" in groups:
+            jobs += [("plateau-fixed", mixer, o, seed, common + ["--order", o]) for o in orders]
+        if "plateau-reorder" in groups:
+            start = common + ["--order", PLATEAU_START[mixer]] + PLATEAU_REORDER
+            frozen = [("0" if a == "0.03" else a) for a in start]  # --policy-lr 0.03 -> 0
+            jobs += [("plateau-reorder", mixer, PLATEAU_START[mixer], seed, start),
+                     ("plateau-frozen", mixer, PLATEAU_START[mixer], seed, frozen)]
     for seed, name in itertools.product(seeds, reorder.ORDERS):
         common = FMNIST + MODEL + ["--order", name, "--seed", str(seed)]
         for mixer, flags in MIXERS.items():
@@ -77,7 +99,7 @@ def runs(groups, out, seeds=SEEDS):
                 jobs.append(("reorder", mixer, name, seed, common + flags + REORDER))
         if "control" in groups:
             jobs.append(("control", "full", name, seed, common + CONTROL))
-    for seed in TASK_SEEDS:
+    for seed in task_seeds:
         task = MODEL + TASK + ["--seed", str(seed)]
         if "neighbours" in groups:
             task_jobs = [("fixed", "row", TASK_FIXED), ("fixed", "column", TASK_FIXED),
@@ -137,6 +159,10 @@ def collect(jobs):
                "val_top1": round(h[-1]["val_top1"], 2),
                "seconds": round(sum(e["seconds"] for e in h), 1),
                "order_shift": round(h[-1]["order_shift"], 2)}
+        last = [e["val_top1"] for e in h[len(h) - max(1, round(0.2 * len(h))) - 1:]]
+        row.update(train_top1=round(h[-1]["train_top1"], 2),  # the last 20% of epochs:
+                   last20_change=round(last[-1] - last[0], 2),  # from its start to the end
+                   last20_range=round(max(last) - min(last), 2), curve=[e["val_top1"] for e in h])
         if flag(args, "--data") in ("pairs", "neighbours"):
             gap = 1 if flag(args, "--data") == "neighbours" else None
             perm = data.load_order(os.path.join(run_dir, "order.pt"), TASK_GRID[0] * TASK_GRID[1])
@@ -219,14 +245,15 @@ def mean_std(values):
 def report(rows, out, figure=None, estimators=True):
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         keys = ["group", "mixer", "order", "seed", "val_top1", "seconds", "order_shift",
-                "pair_distance", "pairs_in_reach"]
-        writer = csv.DictWriter(f, keys)
+                "pair_distance", "pairs_in_reach", "train_top1", "last20_change", "last20_range"]
+        writer = csv.DictWriter(f, keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["Final val top-1 (%), mean ± std over seeds (n = runs).", ""]
-    mixers = [m for m in list(MIXERS) + ["full"] if any(r["mixer"] == m for r in rows)]
+    lines = []
+    mixers = [m for m in list(MIXERS) + ["full"] if any(
+        r["mixer"] == m and r["group"] in ("fixed", "reorder", "control") for r in rows)]
     if mixers:
-        lines += ["| ordering | " + " | ".join(
+        lines += ["Final val top-1 (%), mean ± std over seeds (n = runs).", "","| ordering | " + " | ".join(
             f"{m} fixed | {m} REOrder" if m != "full" else "full attention (control)"
             for m in mixers) + " |", "|---|" + "---:|" * sum(1 if m == "full" else 2
                                                              for m in mixers)]
@@ -290,6 +317,7 @@ def report(rows, out, figure=None, estimators=True):
                       "|---|---:|---:|---:|---:|"]
             lines += [f"| {n} | {d:.2f} | {r:.2f} | {loss:.4f} | {acc:.1f} |"
                       for n, d, r, loss, acc in sensitivity(run_dir, "neighbours")]
+    lines += plateau_lines(rows)
     if estimators:
         lines += ["", "The estimator and the optimizer alone (no model; 3 seeds):", ""]
         lines += estimator_table()
@@ -298,7 +326,114 @@ def report(rows, out, figure=None, estimators=True):
         f.write(text)
     if figure and mixers:
         draw_results(rows, mixers, figure)
+    if figure and any(r["group"].startswith("plateau-") for r in rows):
+        draw_curves(rows, os.path.join(os.path.dirname(figure), "plateau.png"))
     return text
+
+
+def plateau_lines(rows):
+    """The plateau budget's tables: every cell with its last-20% movement, the order effect of
+    the fixed orders, and REOrder against its start and against its frozen-policy control."""
+    sel = [r for r in rows if r["group"].startswith("plateau-")]
+    mixers = [m for m in dict.fromkeys(r["mixer"] for r in sel)]
+    if not sel:
+        return []
+    lines = ["", "Plateau budget: final val top-1 (%), mean ± std over seeds; over the last 20% "
+             "of epochs, change = val top-1 at the end minus at their start (mean over seeds; "
+             "largest |change|) and range = max − min (largest over seeds); train top-1 at the "
+             "end.", "", "| mixer | run | val top-1 (n) | change | max abs change | max range | "
+             "train top-1 |", "|---|---|---:|---:|---:|---:|---:|"]
+    for m in mixers:
+        for group in ("plateau-fixed", "plateau-reorder", "plateau-frozen"):
+            for o in (o for o in reorder.ORDERS if table(sel, group, m).get(o)):
+                c = [r for r in sel if (r["group"], r["mixer"], r["order"]) == (group, m, o)]
+                kind = {"plateau-fixed": "fixed", "plateau-reorder": "REOrder from",
+                        "plateau-frozen": "frozen policy from"}[group]
+                change = [r["last20_change"] for r in c]
+                lines.append(
+                    f"| {m} | {kind} {o} | {mean_std([r['val_top1'] for r in c])} (n={len(c)}) | "
+                    f"{statistics.mean(change):+.2f} | {max(map(abs, change)):.2f} | "
+                    f"{max(r['last20_range'] for r in c):.2f} | "
+                    f"{statistics.mean(r['train_top1'] for r in c):.2f} |")
+    lines += ["", "Fixed orders at the plateau budget, best to worst (mean over the seeds that "
+              "ran every order); p = within-seed permutation test; MDE = 2.8 × noise × √(2 / seeds).", "",
+              "| mixer | seeds | ranking | spread | noise | p | MDE |",
+              "|---|---:|---|---:|---:|---:|---:|"]
+    for m in mixers:
+        cells = table(sel, "plateau-fixed", m)
+        blocks = complete_blocks(cells)
+        if len(blocks) >= 2 and len(cells) >= 2:
+            spread, noise, p = order_effect(blocks)
+            means = dict(zip(sorted(cells), (statistics.mean(c) for c in zip(*blocks))))
+            rank = " > ".join(f"{o} {v:.2f}" for o, v in sorted(means.items(), key=lambda x: -x[1]))
+            lines.append(f"| {m} | {len(blocks)} | {rank} | {spread:.2f} | {noise:.2f} | "
+                         f"{p_text(p)} | {2.8 * noise * math.sqrt(2 / len(blocks)):.2f} |")
+    lines += ["", "REOrder at the paper's proportions, paired by seed: mean difference, sign-flip "
+              "p (exact; with n pairs it cannot go below 2 / 2^n), pairs above 0, and the MDE of "
+              "a paired difference (2.8 × std of the differences / √n).", "",
+              "| mixer | comparison | difference | p | above 0 | MDE |",
+              "|---|---|---:|---:|---:|---:|"]
+    for m in mixers:
+        for a, b in (("reorder", "fixed"), ("reorder", "frozen"), ("frozen", "fixed")):
+            start = PLATEAU_START.get(m)
+            x, y = (table(sel, f"plateau-{g}", m).get(start, {}) for g in (a, b))
+            d = [x[s] - y[s] for s in sorted(set(x) & set(y))]
+            if d:
+                mde = 2.8 * statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else math.nan
+                name = {"reorder": "REOrder", "fixed": f"fixed {start}", "frozen": "frozen"}
+                lines.append(f"| {m} | {name[a]} − {name[b]} | {statistics.mean(d):+.2f} | "
+                             f"{p_text(sign_flip_test(d))} | {sum(v > 0 for v in d)} of "
+                             f"{len(d)} | {mde:.2f} |")
+    return lines
+
+
+def draw_curves(rows, path):
+    """One PNG: a panel per mixer of the plateau budget, val top-1 per epoch, mean over seeds,
+    a line per fixed order, REOrder (thick) and its frozen-policy control (thin) in black/grey."""
+    from PIL import Image, ImageDraw
+    sel = [r for r in rows if r["group"].startswith("plateau-")]
+    mixers = list(dict.fromkeys(r["mixer"] for r in sel))
+    lines = {}
+    for r in sel:
+        lines.setdefault((r["mixer"], r["group"], r["order"]), []).append(r["curve"])
+    curves = {k: [statistics.mean(v) for v in zip(*c)] for k, c in lines.items()}
+    values = [v for c in curves.values() for v in c[len(c) // 5:]]
+    lo, hi = 5 * math.floor(min(values) / 5), 5 * math.ceil(max(values) / 5)
+    pw, ph, top, left = 360, 280, 40, 46
+    sheet = Image.new("RGB", (len(mixers) * (pw + 20) + left, ph + top + 70), "white")
+    pen = ImageDraw.Draw(sheet)
+    colours = {"row": (31, 119, 180), "column": (44, 160, 44), "hilbert": (148, 103, 189),
+               "spiral": (214, 39, 40), "diagonal": (140, 86, 75), "snake": (227, 119, 194)}
+    for k, m in enumerate(mixers):
+        x0 = left + k * (pw + 20)
+        epochs = max(len(c) for (mm, _, _), c in curves.items() if mm == m)
+        pen.rectangle([x0, top, x0 + pw, top + ph], outline="black")
+        pen.text((x0 + 8, top - 18), f"{m}: val top-1 (%) per epoch", fill="black")
+        for v in range(lo, hi + 1, 5):
+            y = top + ph - (v - lo) / (hi - lo) * ph
+            pen.line([(x0, y), (x0 + pw, y)], fill=(230, 230, 230))
+            pen.text((x0 - 22 if k == 0 else x0 + 2, y - 6), f"{v}", fill="black")
+        x20 = x0 + 0.8 * (epochs - 1) / max(1, epochs - 1) * pw
+        pen.line([(x20, top), (x20, top + ph)], fill=(200, 200, 200))  # the last 20% of epochs
+        for (mm, group, order), c in curves.items():
+            if mm != m:
+                continue
+            pts = [(x0 + i / max(1, epochs - 1) * pw,
+                    top + ph - (min(max(v, lo), hi) - lo) / (hi - lo) * ph) for i, v in enumerate(c)]
+            colour = {"plateau-reorder": (0, 0, 0), "plateau-frozen": (150, 150, 150)}.get(
+                group, colours[order])
+            pen.line(pts, fill=colour, width=3 if group == "plateau-reorder" else 1 + (
+                group == "plateau-fixed"))
+        pen.text((x0, top + ph + 4), f"epoch 1 .. {epochs}; grey line: start of the last 20%",
+                 fill="black")
+    legend = "  ".join(o for o in colours) + "  (fixed orders);  black = REOrder, grey = frozen"
+    pen.text((left, top + ph + 24), legend, fill="black")
+    x = left
+    for o, c in colours.items():
+        pen.rectangle([x, top + ph + 44, x + 30, top + ph + 50], fill=c)
+        pen.text((x + 34, top + ph + 40), o, fill="black")
+        x += 90
+    sheet.save(path, format="PNG", optimize=True)
 
 
 def sensitivity(run_dir, task, images=1000):
@@ -415,7 +550,11 @@ def main(argv=None):
                     + ", ".join(GROUPS))
     ap.add_argument("--out", default="runs/sweep")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)),
-                    help="seeds of the Fashion-MNIST groups (the known-answer tasks use 0, 1, 2)")
+                    help="seeds of the Fashion-MNIST groups")
+    ap.add_argument("--mixers", default=",".join(PLATEAU_START), help="of the plateau groups")
+    ap.add_argument("--orders", default=",".join(PLATEAU_ORDERS), help="of group plateau")
+    ap.add_argument("--task-seeds", default=",".join(map(str, TASK_SEEDS)))
+    ap.add_argument("--root", default=None, help="Fashion-MNIST's folder (plateau groups)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     ap.add_argument("--report", action="store_true", help="only rebuild the tables and picture")
     ap.add_argument("--figure", default=os.path.join(ROOT, "figures", "results.png"))
@@ -427,7 +566,9 @@ def main(argv=None):
     if "pairs" in groups:
         data.save_order(os.path.join(args.out, "pair_order.pt"), data.pair_order(*TASK_GRID),
                         TASK_GRID)
-    jobs = runs(groups, args.out, [int(s) for s in args.seeds.split(",")])
+    jobs = runs(groups, args.out, [int(s) for s in args.seeds.split(",")],
+                args.mixers.split(","), args.orders.split(","),
+                [int(s) for s in args.task_seeds.split(",")], args.root)
     if not args.report:
         t0 = time.time()
 
