@@ -131,16 +131,19 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return images.reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p)
 
 
-def check_perm(perm: torch.Tensor, n: int, batch: Optional[int] = None) -> torch.Tensor:
+def check_perm(perm: torch.Tensor, n: int, batch: Optional[int] = None,
+               values: bool = True) -> torch.Tensor:
     """`perm` if each of its rows is a permutation of 0..n-1, shape [..., n]; for a batch of
     `batch` images, [n] (one order for all) or [batch, n] (one per image). Else a one-line
-    ValueError. Costs one sort, and on a GPU one wait for the host's answer."""
+    ValueError. For where orders enter (order files, from_order): the values' check costs a sort
+    and, on a GPU, a wait for the host; values=False checks only dtype and shape (free)."""
     shape = f"[{n}] or [{batch}, {n}]" if batch is not None else f"[..., {n}]"
     if (perm.dtype != torch.long or perm.dim() < 1 or perm.shape[-1] != n
             or (batch is not None and perm.shape not in ((n,), (batch, n)))):
         raise ValueError(f"an order must be a LongTensor of shape {shape}, "
                          f"got {perm.dtype} {tuple(perm.shape)}")
-    if not torch.equal(perm.sort(-1).values, torch.arange(n, device=perm.device).expand_as(perm)):
+    if values and not torch.equal(perm.sort(-1).values,
+                                  torch.arange(n, device=perm.device).expand_as(perm)):
         raise ValueError(f"the order is not a permutation of 0..{n - 1}")
     return perm
 
@@ -270,7 +273,7 @@ def loo_baseline(reward: torch.Tensor, dim: int = 0) -> torch.Tensor:
 # order-invariant and every effect of the order comes from the mixer.
 # --------------------------------------------------------------------------------------------------
 
-MIXERS = ("window", "causal", "mamba")
+MIXERS = ("window", "causal", "mamba", "bimamba")
 
 
 def window_mask(n: int, window: Optional[int], causal: bool = False, device=None) -> torch.Tensor:
@@ -351,109 +354,125 @@ def window_attention(q, k, v, window: Optional[int], causal: bool = False):
     return banded_attention(q, k, v, window, causal)
 
 
-def _scan(a: torch.Tensor, b: torch.Tensor, reverse: bool = False) -> torch.Tensor:
-    """h_t = a_t ⊙ h_{t-1} + b_t along dim 1 (with `reverse`, h_t = a_t ⊙ h_{t+1} + b_t), without
-    autograd: two levels of about sqrt(L) sequential steps, so the cost stays linear in L. First
-    every chunk of C ≈ sqrt(L) slots at once, from a zero state (local states, and each slot's
-    decay since its chunk began), then the state carried from chunk to chunk, added back as
-    decay · carry."""
-    B, L = a.shape[:2]
-    C = math.isqrt(max(L - 1, 0)) + 1
-    m = -(-L // C)
-    rest, fill = a.shape[2:], (B, m * C - L, *a.shape[2:])
-    a = torch.cat([a, a.new_ones(fill)], 1).view(B, m, C, *rest)  # pad with a = 1, b = 0
-    b = torch.cat([b, b.new_zeros(fill)], 1).view(B, m, C, *rest)
-    h, decay = torch.empty_like(b), torch.empty_like(a)
-    h_t, decay_t = torch.zeros_like(b[:, :, 0]), torch.ones_like(a[:, :, 0])
-    for t in range(C - 1, -1, -1) if reverse else range(C):  # within all chunks at once
-        h_t = torch.addcmul(b[:, :, t], a[:, :, t], h_t)
-        decay_t = decay_t * a[:, :, t]
-        h[:, :, t], decay[:, :, t] = h_t, decay_t
-    carry = torch.zeros_like(h[:, :, 0])  # [B, m, ...]: the state entering each chunk
-    edge, step = (0, 1) if reverse else (-1, -1)  # a chunk's last slot, and where its carry goes
-    for j in range(m - 2, -1, -1) if reverse else range(1, m):
-        carry[:, j] = torch.addcmul(h[:, j + step, edge], decay[:, j + step, edge],
-                                    carry[:, j + step])
-    return h.addcmul_(decay, carry[:, :, None]).view(B, m * C, *rest)[:, :L]
-
-
 class _LinearRecurrence(torch.autograd.Function):
-    """The scan with its gradient written out: for h_t = a_t h_{t-1} + b_t and g_t = dL/dh_t in
-    total, g_t = dL/dh_t (direct) + a_{t+1} g_{t+1}, the same recurrence run backwards; then
-    dL/db_t = g_t and dL/da_t = g_t h_{t-1}. Only a and h are kept for the backward pass."""
+    """h_t = a_t ⊙ h_{t-1} + b_t along dim 1, one slot at a time in place, with its gradient
+    written out: for g_t = dL/dh_t in total, g_t = dL/dh_t (direct) + a_{t+1} g_{t+1}, the same
+    recurrence run backwards; dL/db_t = g_t, dL/da_t = g_t h_{t-1}. On CPU the work is memory-bound
+    and a step costs a few µs, so this beats chunked and parallel (Blelloch) scans at every size
+    tests/bench.py measures; in-place ops on views, not out=, keep torch.compile's graph whole.
+    Keeps a and h for the backward pass."""
 
     @staticmethod
     def forward(ctx, a, b):
-        h = _scan(a, b)
+        h = b.clone(memory_format=torch.contiguous_format)  # h_t = b_t, then += a_t h_{t-1}
+        hs, as_ = h.unbind(1), a.unbind(1)  # views, one per slot
+        for t in range(1, len(hs)):
+            hs[t].addcmul_(as_[t], hs[t - 1])
         ctx.save_for_backward(a, h)
         return h
 
     @staticmethod
     def backward(ctx, grad_h):
         a, h = ctx.saved_tensors
-        g = _scan(torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], 1), grad_h, reverse=True)
-        return torch.cat([torch.zeros_like(g[:, :1]), g[:, 1:] * h[:, :-1]], 1), g  # h_{-1} = 0
+        g = grad_h.clone(memory_format=torch.contiguous_format)
+        gs, as_ = g.unbind(1), a.unbind(1)
+        for t in range(len(gs) - 2, -1, -1):
+            gs[t].addcmul_(as_[t + 1], gs[t + 1])
+        grad_a = g.clone()
+        grad_a[:, 0] = 0  # h_{-1} = 0
+        grad_a[:, 1:].mul_(h[:, :-1])
+        return grad_a, g
 
 
 def selective_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The linear recurrence h_t = a_t ⊙ h_{t-1} + b_t for t = 0..L-1, from h_{-1} = 0:
-    a, b [B, L, ...] with a in [0, 1] -> h [B, L, ...], differentiable in a and b.
-
-    Cost linear in L (forward and backward); only products of decays in [0, 1] and sums occur (no
-    division, no log of a decay), so it stays finite for any L: a decay that underflows to 0 is
-    the recurrence's own answer.
-    """
+    a, b [B, L, ...] with a in [0, 1] -> h [B, L, ...], differentiable in a and b. Linear in L;
+    only products and sums occur (no division, no log of a decay), so it stays finite for any L."""
     return _LinearRecurrence.apply(a, b)
 
 
 class Mamba(nn.Module):
-    """Mamba-1's selective state-space layer (Gu and Dao, 2023) in plain torch: [B, L, D] ->
-    [B, L, D], reading the sequence from first to last slot.
+    """Mamba-1's selective state-space layer (Gu and Dao, 2023) in plain torch: [B, L, D] -> [B, L, D].
 
-    in_proj to x and a gate z (expand x width each); a causal depthwise conv (kernel d_conv) and
-    SiLU on x; x projected to (Δ, B, C) with Δ = softplus(dt_proj(·)) per channel; the scan
-    h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t, y_t = C_t · h_t + D x_t (A = -exp(A_log), per channel
-    and state, run in float32 under autocast too); y · SiLU(z); out_proj. The paper's model
-    ("bimamba v3") sums four such scans (forward, backward, and both along the 14 x 14 transpose);
-    one forward scan is the plain case, where the order matters most.
+    in_proj to x and a gate z (expand x width each); then per scan core: a causal depthwise conv
+    (kernel d_conv) and SiLU on x, x projected to (Δ, B, C) with Δ = softplus(dt_proj(·)) per
+    channel, the scan h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t, y_t = C_t · h_t + D x_t (A = -exp(A_log),
+    per channel and state, float32 under autocast too); the cores' y mean, · SiLU(z); out_proj.
+    directions=1 ("mamba"): one core reading the sequence first to last slot. directions=4
+    ("bimamba", the paper's released "bimamba v3" layer): cores read the sequence forward, flipped,
+    "transposed" (the first h*w tokens, in slot order, laid row by row on the h x w `grid`, the grid
+    transposed and read row by row) and that flipped; each core has its own conv, x_proj, dt_proj,
+    A_log and D (stacked on dim 0, so the cores run as one scan), in_proj and out_proj are shared.
+    Departure: tokens after the first h*w (the model's CLS, placed last) are held out of the
+    transposition and stay last; the released code holds out the token at index L // 2, puts CLS
+    first and reads out the last patch.
     """
 
-    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 1):
+    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 1,
+                 directions: int = 1, grid: Optional[Tuple[int, int]] = None):
         super().__init__()
-        inner, self.dt_rank, self.d_state = expand * dim, math.ceil(dim / 16), d_state
-        self.in_proj = nn.Linear(dim, 2 * inner)
-        self.conv = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1)
-        self.x_proj = nn.Linear(inner, self.dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, inner)
-        self.A_log = nn.Parameter(torch.empty(inner, d_state))
-        self.D = nn.Parameter(torch.empty(inner))
-        self.out_proj = nn.Linear(inner, dim)
-        self.reset_ssm()
+        if directions not in (1, 4) or (directions == 4 and grid is None):
+            raise ValueError("Mamba takes directions=1, or directions=4 with a grid (h, w)")
+        n, E, self.grid = directions, expand * dim, grid
+        self.dt_rank, self.d_state = math.ceil(dim / 16), d_state
+        self.in_proj = nn.Linear(dim, 2 * E)
+        self.conv = nn.Conv1d(n * E, n * E, d_conv, groups=n * E, padding=d_conv - 1)
+        self.x_proj = nn.Parameter(torch.empty(n, E, self.dt_rank + 2 * d_state))  # no bias
+        self.dt_proj = nn.Parameter(torch.empty(n, self.dt_rank, E))
+        self.dt_bias = nn.Parameter(torch.empty(n, E))
+        self.A_log = nn.Parameter(torch.empty(n, E, d_state))
+        self.D = nn.Parameter(torch.empty(n, E))
+        self.out_proj = nn.Linear(E, dim)
+        self.reset_parameters()
 
-    def reset_ssm(self):
-        """Mamba's own initialization of the scan: A = -(1, 2, ..., d_state) per channel, D = 1,
-        and Δ = softplus(bias) log-uniform in [0.001, 0.1] at the start."""
+    def reset_parameters(self, layers: int = 1):
+        """mamba_ssm's initialization: Linear weights PyTorch's default (±1/sqrt(fan in)), biases
+        zero but Δ's, out_proj's weight / sqrt(layers) (its rescale_prenorm_residual; ViT passes
+        2 x depth, a mixer and an MLP per block); A = -(1, 2, ..., d_state), D = 1, Δ = softplus(
+        dt_bias) log-uniform in [0.001, 0.1] in every core. Departure: the released code gives only
+        the forward core that Δ; its other three start near softplus(0) ≈ 0.7, an accident."""
         with torch.no_grad():
-            self.A_log.copy_(torch.arange(1, self.d_state + 1).float().log().expand_as(self.A_log))
+            for linear in (self.in_proj, self.out_proj):
+                linear.reset_parameters()
+                linear.bias.zero_()
+            self.out_proj.weight /= math.sqrt(layers)
+            self.x_proj.uniform_(-self.x_proj.shape[1] ** -0.5, self.x_proj.shape[1] ** -0.5)
+            self.dt_proj.uniform_(-self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+            dt = torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)).exp()
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+            self.A_log.copy_(torch.arange(1, self.d_state + 1).log().expand_as(self.A_log))
             self.D.fill_(1.0)
-            nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
-            dt = torch.empty_like(self.dt_proj.bias).uniform_(math.log(1e-3), math.log(1e-1)).exp()
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+
+    def _transpose(self, x, h, w):  # [B, L, E], first h*w tokens laid on h x w, read by columns
+        n = h * w
+        return torch.cat([x[:, :n].unflatten(1, (h, w)).transpose(1, 2).flatten(1, 2), x[:, n:]], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        L = x.shape[1]
+        Bsz, L, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)  # [B, L, E] each
-        x = F.silu(self.conv(x.transpose(1, 2))[..., :L].transpose(1, 2))  # slot t sees t-3..t
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = self.dt_proj(dt)
+        if len(self.D) == 4:  # what each core reads: forward, flipped, transposed, flipped again
+            t = self._transpose(x, *self.grid)
+            x = torch.stack([x, x.flip(1), t, t.flip(1)])  # [n, B, L, E]
+        else:
+            x = x[None]
+        n, E = x.shape[0], x.shape[-1]
+        x = self.conv(x.permute(1, 0, 3, 2).reshape(Bsz, n * E, L))[..., :L]  # slot t sees t-3..t
+        x = F.silu(x.view(Bsz, n, E, L).permute(1, 0, 3, 2))  # [n, B, L, E]
+        dt, B, C = (x @ self.x_proj[:, None]).split([self.dt_rank, self.d_state, self.d_state], -1)
+        dt = dt @ self.dt_proj[:, None] + self.dt_bias[:, None, None]  # [n, B, L, E]
         with torch.autocast(x.device.type, enabled=False):  # the scan in float32
-            # dt, x32: [B, L, E]; B, C: [B, L, S]
+            # dt, x32: [n, B, L, E]; B, C: [n, B, L, S]
             dt, x32, B, C = F.softplus(dt.float()), x.float(), B.float(), C.float()
-            A = -torch.exp(self.A_log.float())  # [E, S]
-            h = selective_scan(torch.exp(dt[..., None] * A),  # [B, L, E, S]
-                               (dt * x32)[..., None] * B[:, :, None, :])
-            y = (h @ C[..., None]).squeeze(-1) + self.D * x32  # [B, L, E]
-        return self.out_proj(y.to(x.dtype) * F.silu(z))
+            A = -torch.exp(self.A_log.float())[:, None, None]  # [n, 1, 1, E, S]
+            a, b = torch.exp(dt[..., None] * A), (dt * x32)[..., None] * B[..., None, :]
+            h = selective_scan(a.flatten(0, 1), b.flatten(0, 1)).view_as(a)  # [n, B, L, E, S]
+            y = (h @ C[..., None]).squeeze(-1) + self.D[:, None, None] * x32  # [n, B, L, E]
+        if n == 4:  # each core's outputs back at their tokens, then the mean
+            t = self._transpose(y[2] + y[3].flip(1), *self.grid[::-1])  # the w x h grid back
+            y = (y[0] + y[1].flip(1) + t) / 4
+        else:
+            y = y[0]
+        return self.out_proj(y.to(z.dtype) * F.silu(z))
 
 
 @dataclass
@@ -501,12 +520,12 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm: x + mix(LN x), then x + MLP(LN x); only the mixer differs between models."""
 
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, cfg: ViTConfig, grid: Tuple[int, int]):
         super().__init__()
         hidden = int(cfg.dim * cfg.mlp_ratio)
         self.norm1, self.norm2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
-        self.mix = (Mamba(cfg.dim) if cfg.mixer == "mamba"
-                    else Attention(cfg.dim, cfg.heads, cfg.window, cfg.mixer == "causal"))
+        self.mix = (Mamba(cfg.dim, directions=4 if cfg.mixer == "bimamba" else 1, grid=grid)
+                    if "mamba" in cfg.mixer else Attention(cfg.dim, cfg.heads, cfg.window, cfg.mixer == "causal"))
         self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(),
                                  nn.Linear(hidden, cfg.dim))
 
@@ -527,7 +546,7 @@ class ViT(nn.Module):
             raise ValueError(f"window must be >= 0 or None (no limit), got {cfg.window}")
         if cfg.dim % cfg.heads:
             raise ValueError(f"width {cfg.dim} is not divisible by {cfg.heads} heads")
-        self.cfg, self.cls_last = cfg, cfg.mixer == "mamba"
+        self.cfg, self.cls_last = cfg, "mamba" in cfg.mixer
         self.grid = grid_size(cfg.img_size, cfg.patch_size)
         self.num_patches = self.grid[0] * self.grid[1]
         patch_dim = cfg.in_chans * cfg.patch_size ** 2
@@ -535,13 +554,13 @@ class ViT(nn.Module):
                                          nn.LayerNorm(cfg.dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, cfg.dim))  # one per patch
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(cfg, self.grid) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
         self.apply(self._init)
         for m in self.modules():
             if isinstance(m, Mamba):
-                m.reset_ssm()  # after the generic init of its Linear layers
+                m.reset_parameters(2 * cfg.depth)  # mamba_ssm's init, not the ViT's std 0.02
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
@@ -554,7 +573,8 @@ class ViT(nn.Module):
 
     def forward(self, images: torch.Tensor, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Class logits [B, classes] of images [B, C, H, W], patches read in order perm [N] or
-        [B, N] (None: row-major)."""
+        [B, N] (None: row-major). Only perm's shape is checked here (no sort, no host sync, no
+        graph break): validate orders where they enter, with check_perm."""
         C, H, W = images.shape[1:]
         p, (h, w) = self.cfg.patch_size, self.grid
         if (C, H, W) != (self.cfg.in_chans, h * p, w * p):
@@ -562,7 +582,7 @@ class ViT(nn.Module):
                              f"got {C}x{H}x{W}")
         x = self.patch_embed(patchify(images, p)) + self.pos_embed  # [B, N, D]
         if perm is not None:
-            x = permute(x, check_perm(perm, self.num_patches, batch=len(images)))
+            x = permute(x, check_perm(perm, self.num_patches, len(images), values=False))
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([x, cls] if self.cls_last else [cls, x], dim=1)  # [B, 1+N, D]
         for block in self.blocks:
