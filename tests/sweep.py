@@ -60,9 +60,13 @@ TASK_GRID = reorder.grid_size(32, 4)
 # The plateau budget (docs/results-plateau.md): a smaller model trained until val top-1 stops
 # moving; REOrder at the paper's proportions, 15% fixed, 30% learning, 55% fine-tuning
 PLATEAU_EPOCHS = 40
-PLATEAU = ["--data", "fashion-mnist", "--img-size", "28", "--patch", "4", "--subset", "2000",
-           "--val-subset", "2000", "--epochs", str(PLATEAU_EPOCHS), "--batch-size", "32",
-           "--lr", "3e-3", "--warmup-epochs", "2", "--dim", "32", "--depth", "2", "--heads", "2"]
+PLATEAU = ["--data", "fashion-mnist", "--img-size", "28", "--patch", "4", "--val-subset", "2000", "--epochs", str(PLATEAU_EPOCHS), "--batch-size", "32",
+           "--lr", "3e-3", "--warmup-epochs", "2"]
+# width 32, depth 2, 2,000 images; bimamba (four scans: a step costs ~5x mamba's, ~20x causal's
+# here) at width 16 on 1,000 images, to fit the time
+PLATEAU_MODEL = {m: ["--dim", "16" if m == "bimamba" else "32", "--depth", "2", "--heads", "2",
+                     "--subset", "1000" if m == "bimamba" else "2000"]
+                 for m in ("causal", "bimamba", "mamba")}
 PLATEAU_REORDER = ["--learn-order", "--policy-start", str(round(0.15 * PLATEAU_EPOCHS)),
                    "--policy-epochs", str(round(0.30 * PLATEAU_EPOCHS)), "--granularity", "image",
                    "--orders-per-step", "4", "--policy-lr", "0.03", "--tau-max", "0.05"]
@@ -76,18 +80,26 @@ def flag(args, name):
     return args[args.index(name) + 1]
 
 
+def set_flags(args, **values):
+    """A copy of a train.py argument list with flags' values replaced (policy_lr: --policy-lr)."""
+    args = list(args)
+    for name, value in values.items():
+        args[args.index("--" + name.replace("_", "-")) + 1] = str(value)
+    return args
+
+
 def runs(groups, out, seeds=SEEDS, mixers=tuple(PLATEAU_START), orders=PLATEAU_ORDERS,
          task_seeds=TASK_SEEDS, root=None):
     """[(group, mixer, order, seed, train.py arguments)] of the chosen groups."""
     jobs = []
     where = ["--root", root] if root else []
     for seed, mixer in itertools.product(seeds, (m for m in mixers if m in reorder.MIXERS)):
-        common = PLATEAU + where + ["--mixer", mixer, "--seed", str(seed)]
+        common = PLATEAU + PLATEAU_MODEL[mixer] + where + ["--mixer", mixer, "--seed", str(seed)]
         if "plateau" in groups:
             jobs += [("plateau-fixed", mixer, o, seed, common + ["--order", o]) for o in orders]
         if "plateau-reorder" in groups:
             start = common + ["--order", PLATEAU_START[mixer]] + PLATEAU_REORDER
-            frozen = [("0" if a == "0.03" else a) for a in start]  # --policy-lr 0.03 -> 0
+            frozen = set_flags(start, policy_lr=0)
             jobs += [("plateau-reorder", mixer, PLATEAU_START[mixer], seed, start),
                      ("plateau-frozen", mixer, PLATEAU_START[mixer], seed, frozen)]
     for seed, name in itertools.product(seeds, reorder.ORDERS):
