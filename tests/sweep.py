@@ -71,7 +71,7 @@ PLATEAU_REORDER = ["--learn-order", "--policy-start", str(round(0.15 * PLATEAU_E
                    "--policy-epochs", str(round(0.30 * PLATEAU_EPOCHS)), "--granularity", "image",
                    "--orders-per-step", "4", "--policy-lr", "0.03", "--tau-max", "0.05"]
 PLATEAU_ORDERS = ("row", "column", "spiral")  # the paper's two best and its worst (Mamba, TXL)
-PLATEAU_START = {"causal": "spiral", "bimamba": "spiral", "mamba": "spiral"}  # worst measured
+PLATEAU_MIXERS = ("causal", "bimamba", "mamba")  # REOrder starts from the worst fixed order
 GROUPS = ("fixed", "control", "reorder", "neighbours", "pairs", "plateau", "plateau-reorder")
 
 
@@ -88,8 +88,16 @@ def set_flags(args, **values):
     return args
 
 
-def runs(groups, out, seeds=SEEDS, mixers=tuple(PLATEAU_START), orders=PLATEAU_ORDERS,
-         task_seeds=TASK_SEEDS, root=None):
+def worst_fixed(out, mixer, seeds, orders, root=None):
+    """The fixed order with the lowest mean final val top-1 among the finished plateau runs of
+    `mixer` in `out` (spiral, the paper's worst, before any has finished)."""
+    done = collect(runs({"plateau"}, out, seeds, [mixer], orders, root=root))
+    means = {o: statistics.mean(v.values()) for o, v in table(done, "plateau-fixed", mixer).items()}
+    return min(means, key=means.get) if means else "spiral"
+
+
+def runs(groups, out, seeds=SEEDS, mixers=PLATEAU_MIXERS, orders=PLATEAU_ORDERS,
+         task_seeds=TASK_SEEDS, root=None, task_size=None):
     """[(group, mixer, order, seed, train.py arguments)] of the chosen groups."""
     jobs = []
     where = ["--root", root] if root else []
@@ -98,10 +106,10 @@ def runs(groups, out, seeds=SEEDS, mixers=tuple(PLATEAU_START), orders=PLATEAU_O
         if "plateau" in groups:
             jobs += [("plateau-fixed", mixer, o, seed, common + ["--order", o]) for o in orders]
         if "plateau-reorder" in groups:
-            start = common + ["--order", PLATEAU_START[mixer]] + PLATEAU_REORDER
-            frozen = set_flags(start, policy_lr=0)
-            jobs += [("plateau-reorder", mixer, PLATEAU_START[mixer], seed, start),
-                     ("plateau-frozen", mixer, PLATEAU_START[mixer], seed, frozen)]
+            worst = worst_fixed(out, mixer, seeds, orders, root)
+            start = common + ["--order", worst] + PLATEAU_REORDER
+            jobs += [("plateau-reorder", mixer, worst, seed, start),
+                     ("plateau-frozen", mixer, worst, seed, set_flags(start, policy_lr=0))]
     for seed, name in itertools.product(seeds, reorder.ORDERS):
         common = FMNIST + MODEL + ["--order", name, "--seed", str(seed)]
         for mixer, flags in MIXERS.items():
@@ -112,7 +120,7 @@ def runs(groups, out, seeds=SEEDS, mixers=tuple(PLATEAU_START), orders=PLATEAU_O
         if "control" in groups:
             jobs.append(("control", "full", name, seed, common + CONTROL))
     for seed in task_seeds:
-        task = MODEL + TASK + ["--seed", str(seed)]
+        task = set_flags(MODEL + TASK, **(task_size or {})) + ["--seed", str(seed)]
         if "neighbours" in groups:
             task_jobs = [("fixed", "row", TASK_FIXED), ("fixed", "column", TASK_FIXED),
                          ("reorder", "row", TASK_REORDER),
@@ -385,9 +393,9 @@ def plateau_lines(rows):
               "a paired difference (2.8 × std of the differences / √n).", "",
               "| mixer | comparison | difference | p | above 0 | MDE |",
               "|---|---|---:|---:|---:|---:|"]
-    for m in mixers:
+    for m, start in dict.fromkeys((r["mixer"], r["order"]) for r in sel
+                                  if r["group"] == "plateau-reorder"):
         for a, b in (("reorder", "fixed"), ("reorder", "frozen"), ("frozen", "fixed")):
-            start = PLATEAU_START.get(m)
             x, y = (table(sel, f"plateau-{g}", m).get(start, {}) for g in (a, b))
             d = [x[s] - y[s] for s in sorted(set(x) & set(y))]
             if d:
@@ -563,10 +571,12 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/sweep")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)),
                     help="seeds of the Fashion-MNIST groups")
-    ap.add_argument("--mixers", default=",".join(PLATEAU_START), help="of the plateau groups")
+    ap.add_argument("--mixers", default=",".join(PLATEAU_MIXERS), help="of the plateau groups")
     ap.add_argument("--orders", default=",".join(PLATEAU_ORDERS), help="of group plateau")
     ap.add_argument("--task-seeds", default=",".join(map(str, TASK_SEEDS)))
     ap.add_argument("--root", default=None, help="Fashion-MNIST's folder (plateau groups)")
+    ap.add_argument("--task-subset", default=None, help="known-answer tasks: training images")
+    ap.add_argument("--task-batch", default=None, help="known-answer tasks: batch size")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     ap.add_argument("--report", action="store_true", help="only rebuild the tables and picture")
     ap.add_argument("--figure", default=os.path.join(ROOT, "figures", "results.png"))
@@ -580,7 +590,9 @@ def main(argv=None):
                         TASK_GRID)
     jobs = runs(groups, args.out, [int(s) for s in args.seeds.split(",")],
                 args.mixers.split(","), args.orders.split(","),
-                [int(s) for s in args.task_seeds.split(",")], args.root)
+                [int(s) for s in args.task_seeds.split(",")], args.root,
+                {k: v for k, v in (("subset", args.task_subset), ("batch_size", args.task_batch))
+                 if v})
     if not args.report:
         t0 = time.time()
 
