@@ -24,9 +24,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sweep  # noqa: E402
 
-GPU = dict(img_size=112, patch=8, dim=192, depth=6, heads=3, subset=3000, val_subset=2000,
-           epochs=20, batch_size=128, lr=1e-3, warmup_epochs=1)
-TINY = dict(img_size=28, patch=4, dim=16, depth=1, heads=2, subset=256, val_subset=256, epochs=7,
+# batch 64: bimamba keeps a and h of [4 x batch, 197, 192, 16] float32 per layer for its backward
+# pass (~0.6 GB each at batch 64), and up to 8 runs share the GPU's memory
+GPU = dict(img_size=112, patch=8, dim=192, depth=6, heads=3, subset=2000, val_subset=1000,
+           epochs=20, batch_size=64, lr=1e-3, warmup_epochs=1)
+TINY = dict(img_size=28, patch=4, dim=16, depth=2, heads=2, subset=512, val_subset=256, epochs=7,
             batch_size=32, lr=3e-3, warmup_epochs=1)
 
 
