@@ -180,9 +180,12 @@ def collect(jobs):
                "seconds": round(sum(e["seconds"] for e in h), 1),
                "order_shift": round(h[-1]["order_shift"], 2)}
         last = [e["val_top1"] for e in h[len(h) - max(1, round(0.2 * len(h))) - 1:]]
+        x = [i - (len(last) - 1) / 2 for i in range(len(last))]  # a line fitted through them
+        trend = sum(a * b for a, b in zip(x, last)) / sum(a * a for a in x) * (len(last) - 1)
         row.update(train_top1=round(h[-1]["train_top1"], 2),  # the last 20% of epochs:
                    last20_change=round(last[-1] - last[0], 2),  # from its start to the end
-                   last20_range=round(max(last) - min(last), 2), curve=[e["val_top1"] for e in h])
+                   last20_trend=round(trend, 2), last20_range=round(max(last) - min(last), 2),
+                   curve=[e["val_top1"] for e in h])
         if flag(args, "--data") in ("pairs", "neighbours"):
             gap = 1 if flag(args, "--data") == "neighbours" else None
             perm = data.load_order(os.path.join(run_dir, "order.pt"), TASK_GRID[0] * TASK_GRID[1])
@@ -265,7 +268,8 @@ def mean_std(values):
 def report(rows, out, figure=None, estimators=True):
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         keys = ["group", "mixer", "order", "seed", "val_top1", "seconds", "order_shift",
-                "pair_distance", "pairs_in_reach", "train_top1", "last20_change", "last20_range"]
+                "pair_distance", "pairs_in_reach", "train_top1", "last20_change", "last20_trend",
+                "last20_range"]
         writer = csv.DictWriter(f, keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -359,10 +363,11 @@ def plateau_lines(rows):
     if not sel:
         return []
     lines = ["", "Plateau budget: final val top-1 (%), mean ± std over seeds; over the last 20% "
-             "of epochs, change = val top-1 at the end minus at their start (mean over seeds; "
-             "largest |change|) and range = max − min (largest over seeds); train top-1 at the "
-             "end.", "", "| mixer | run | val top-1 (n) | change | max abs change | max range | "
-             "train top-1 |", "|---|---|---:|---:|---:|---:|---:|"]
+             "of epochs, change = val top-1 at the end minus at their start, trend = the same "
+             "read off a straight line fitted through them (each: mean over seeds, and the "
+             "largest |value|), range = max − min (largest over seeds); train top-1 at the end.",
+             "", "| mixer | run | val top-1 (n) | change | max abs change | trend | max abs trend "
+             "| max range | train top-1 |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m in mixers:
         for group in ("plateau-fixed", "plateau-reorder", "plateau-frozen"):
             for o in (o for o in reorder.ORDERS if table(sel, group, m).get(o)):
@@ -370,9 +375,11 @@ def plateau_lines(rows):
                 kind = {"plateau-fixed": "fixed", "plateau-reorder": "REOrder from",
                         "plateau-frozen": "frozen policy from"}[group]
                 change = [r["last20_change"] for r in c]
+                trend = [r["last20_trend"] for r in c]
                 lines.append(
                     f"| {m} | {kind} {o} | {mean_std([r['val_top1'] for r in c])} (n={len(c)}) | "
                     f"{statistics.mean(change):+.2f} | {max(map(abs, change)):.2f} | "
+                    f"{statistics.mean(trend):+.2f} | {max(map(abs, trend)):.2f} | "
                     f"{max(r['last20_range'] for r in c):.2f} | "
                     f"{statistics.mean(r['train_top1'] for r in c):.2f} |")
     lines += ["", "Fixed orders at the plateau budget, best to worst (mean over the seeds that "

@@ -65,7 +65,7 @@ def test_plateau_tables_and_curves(tmp_path):
             curve = [50.0 + 20 * (1 - 0.5 ** e) - 2 * j + seed for e in range(10)]
             rows.append({"group": "plateau-fixed", "mixer": "causal", "order": name, "seed": seed,
                          "val_top1": curve[-1], "train_top1": 80.0, "curve": curve,
-                         "last20_change": curve[-1] - curve[-3],
+                         "last20_change": curve[-1] - curve[-3], "last20_trend": 0.0,
                          "last20_range": curve[-1] - curve[-3]})
         spiral = rows[-1]
         for group, gain in (("plateau-reorder", 1.0), ("plateau-frozen", 0.5)):
