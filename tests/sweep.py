@@ -89,10 +89,10 @@ def set_flags(args, **values):
     return args
 
 
-def worst_fixed(out, mixer, seeds, orders, root=None):
+def worst_fixed(out, mixer, orders, root=None):
     """The fixed order with the lowest mean final val top-1 among the finished plateau runs of
-    `mixer` in `out` (spiral, the paper's worst, before any has finished)."""
-    done = collect(runs({"plateau"}, out, seeds, [mixer], orders, root=root))
+    `mixer` in `out`, any seed (spiral, the paper's worst, before any has finished)."""
+    done = collect(runs({"plateau"}, out, SEEDS, [mixer], orders, root=root))
     means = {o: statistics.mean(v.values()) for o, v in table(done, "plateau-fixed", mixer).items()}
     return min(means, key=means.get) if means else "spiral"
 
@@ -107,7 +107,7 @@ def runs(groups, out, seeds=SEEDS, mixers=PLATEAU_MIXERS, orders=PLATEAU_ORDERS,
         if "plateau" in groups:
             jobs += [("plateau-fixed", mixer, o, seed, common + ["--order", o]) for o in orders]
         if "plateau-reorder" in groups:
-            worst = starts.get(mixer) or worst_fixed(out, mixer, seeds, orders, root)
+            worst = starts.get(mixer) or worst_fixed(out, mixer, orders, root)
             start = common + ["--order", worst] + PLATEAU_REORDER
             jobs += [("plateau-reorder", mixer, worst, seed, start),
                      ("plateau-frozen", mixer, worst, seed, set_flags(start, policy_lr=0))]
