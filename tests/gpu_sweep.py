@@ -1,7 +1,8 @@
-"""The plateau comparison (tests/sweep.py's plateau groups) at a paper-like scale on one GPU, inside a
-fixed wall-clock budget: Fashion-MNIST upscaled to 112 px, patch 8 (14 x 14 = 196 patches, the
-paper's grid), width 192, depth 6; fixed row / column / spiral, REOrder from spiral (the paper's worst
-for both) at the paper's proportions (15% fixed, 30% learning, 55% fine-tuning) and its frozen-policy control.
+"""The plateau comparison (tests/sweep.py's plateau groups) at a paper-like scale on one GPU,
+inside a fixed wall-clock budget: Fashion-MNIST upscaled to 112 px, patch 8 (14 x 14 = 196
+patches, the paper's grid), width 192, depth 6; fixed row / column / spiral, REOrder from spiral
+(the paper's worst for both mixers) at the paper's proportions (15% fixed, 30% learning, 55%
+fine-tuning) and its frozen-policy control.
 
     python tests/gpu_sweep.py --root data/fashion-mnist --out $OUT/gpu      # one GPU, < 8 minutes
     python tests/gpu_sweep.py --tiny --out runs/gpu-tiny                    # CPU dry run, ~3 min

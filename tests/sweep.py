@@ -60,7 +60,8 @@ TASK_GRID = reorder.grid_size(32, 4)
 # The plateau budget (docs/results-plateau.md): a smaller model trained until val top-1 stops
 # moving; REOrder at the paper's proportions, 15% fixed, 30% learning, 55% fine-tuning
 PLATEAU_EPOCHS = 40
-PLATEAU = ["--data", "fashion-mnist", "--img-size", "28", "--patch", "4", "--val-subset", "2000", "--epochs", str(PLATEAU_EPOCHS), "--batch-size", "32",
+PLATEAU = ["--data", "fashion-mnist", "--img-size", "28", "--patch", "4", "--val-subset", "2000",
+           "--epochs", str(PLATEAU_EPOCHS), "--batch-size", "32",
            "--lr", "3e-3", "--warmup-epochs", "2"]
 # width 32, depth 2, 2,000 images; bimamba (four scans: a step costs ~5x mamba's, ~20x causal's
 # here) at width 16 on 1,000 images, to fit the time
@@ -278,7 +279,8 @@ def report(rows, out, figure=None, estimators=True):
     mixers = [m for m in list(MIXERS) + ["full"] if any(
         r["mixer"] == m and r["group"] in ("fixed", "reorder", "control") for r in rows)]
     if mixers:
-        lines += ["Final val top-1 (%), mean ± std over seeds (n = runs).", "","| ordering | " + " | ".join(
+        lines += ["Final val top-1 (%), mean ± std over seeds (n = runs).", "",
+                  "| ordering | " + " | ".join(
             f"{m} fixed | {m} REOrder" if m != "full" else "full attention (control)"
             for m in mixers) + " |", "|---|" + "---:|" * sum(1 if m == "full" else 2
                                                              for m in mixers)]
@@ -384,7 +386,8 @@ def plateau_lines(rows):
                     f"{max(r['last20_range'] for r in c):.2f} | "
                     f"{statistics.mean(r['train_top1'] for r in c):.2f} |")
     lines += ["", "Fixed orders at the plateau budget, best to worst (mean over the seeds that "
-              "ran every order); p = within-seed permutation test; MDE = 2.8 × noise × √(2 / seeds).", "",
+              "ran every order); p = within-seed permutation test; MDE = 2.8 × noise × "
+              "√(2 / seeds).", "",
               "| mixer | seeds | ranking | spread | noise | p | MDE |",
               "|---|---:|---|---:|---:|---:|---:|"]
     for m in mixers:
@@ -447,7 +450,8 @@ def draw_curves(rows, path):
             if mm != m:
                 continue
             pts = [(x0 + i / max(1, epochs - 1) * pw,
-                    top + ph - (min(max(v, lo), hi) - lo) / (hi - lo) * ph) for i, v in enumerate(c)]
+                    top + ph - (min(max(v, lo), hi) - lo) / (hi - lo) * ph)
+                   for i, v in enumerate(c)]
             colour = {"plateau-reorder": (0, 0, 0), "plateau-frozen": (150, 150, 150)}.get(
                 group, colours[order])
             pen.line(pts, fill=colour, width=3 if group == "plateau-reorder" else 1 + (
