@@ -458,7 +458,8 @@ def draw_curves(rows, path):
                 group == "plateau-fixed"))
         pen.text((x0, top + ph + 4), f"epoch 1 .. {epochs}; grey line: start of the last 20%",
                  fill="black")
-    legend = "  ".join(o for o in colours) + "  (fixed orders);  black = REOrder, grey = frozen"
+    legend = ("mean over seeds; fixed orders in colour; black (thick) = REOrder from the worst, "
+              "grey = its frozen-policy control")
     pen.text((left, top + ph + 24), legend, fill="black")
     x = left
     for o, c in colours.items():
