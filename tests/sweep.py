@@ -12,10 +12,14 @@ Groups (each a set of train.py runs, one thread each; the budgets are FMNIST and
   neighbours  the known-answer task --data neighbours: fixed row and column orders, REOrder from
               row, and the same curriculum with a frozen policy (--policy-lr 0)
   pairs       the known-answer task --data pairs: fixed row and pairing orders, REOrder from row
+  plateau     PLATEAU: a budget where val top-1 stops moving; row, column, spiral (--orders) for
+              causal and bimamba (--mixers); plateau-reorder: REOrder at the paper's 15/30/55 from
+              the worst (PLATEAU_START) and its frozen-policy control (docs/results-plateau.md;
+              the same at 196 patches on a GPU: tests/gpu_sweep.py)
 Seeds are blocks: every order of a mixer runs with the same seeds (same initial weights, same
 batches), so orders are compared within a seed. A finished run (metrics.jsonl has every epoch) is
 not run again and an interrupted one is resumed, so the sweep can be stopped and restarted.
---report writes runs/sweep/results.md and results.csv, and figures/results.png.
+--report writes runs/sweep/results.md and results.csv, figures/results.png and figures/plateau.png.
 """
 import argparse
 import csv
@@ -183,7 +187,8 @@ def collect(jobs):
                "order_shift": round(h[-1]["order_shift"], 2)}
         last = [e["val_top1"] for e in h[len(h) - max(1, round(0.2 * len(h))) - 1:]]
         x = [i - (len(last) - 1) / 2 for i in range(len(last))]  # a line fitted through them
-        trend = sum(a * b for a, b in zip(x, last)) / sum(a * a for a in x) * (len(last) - 1)
+        trend = sum(a * b for a, b in zip(x, last)) / max(1e-9, sum(a * a for a in x)) * (
+            len(last) - 1)
         row.update(train_top1=round(h[-1]["train_top1"], 2),  # the last 20% of epochs:
                    last20_change=round(last[-1] - last[0], 2),  # from its start to the end
                    last20_trend=round(trend, 2), last20_range=round(max(last) - min(last), 2),
