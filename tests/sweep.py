@@ -3,6 +3,7 @@
     python tests/sweep.py                           # everything, 2 runs at a time, into runs/sweep
     python tests/sweep.py --groups neighbours,pairs # only the known-answer tasks
     python tests/sweep.py --report                  # only rebuild the tables and the picture
+    python tests/sweep.py --groups plateau,plateau-reorder --mixers causal,bimamba --jobs 1
 
 Groups (each a set of train.py runs, one thread each; the budgets are FMNIST and TASK below):
   fixed       Fashion-MNIST, each mixer (window, causal, mamba) on each of the six orderings
