@@ -3,6 +3,7 @@
     python tests/sweep.py                           # everything, 2 runs at a time, into runs/sweep
     python tests/sweep.py --groups neighbours,pairs # only the known-answer tasks
     python tests/sweep.py --report                  # only rebuild the tables and the picture
+    python tests/sweep.py --groups plateau,plateau-reorder --mixers causal,bimamba --jobs 1
 
 Groups (each a set of train.py runs, one thread each; the budgets are FMNIST and TASK below):
   fixed       Fashion-MNIST, each mixer (window, causal, mamba) on each of the six orderings
@@ -12,10 +13,14 @@ Groups (each a set of train.py runs, one thread each; the budgets are FMNIST and
   neighbours  the known-answer task --data neighbours: fixed row and column orders, REOrder from
               row, and the same curriculum with a frozen policy (--policy-lr 0)
   pairs       the known-answer task --data pairs: fixed row and pairing orders, REOrder from row
+  plateau     PLATEAU: a budget where val top-1 stops moving; row, column, spiral (--orders) for
+              causal and bimamba (--mixers); plateau-reorder: REOrder at the paper's 15/30/55 from
+              the worst (PLATEAU_START) and its frozen-policy control (docs/results-plateau.md;
+              the same at 196 patches on a GPU: tests/gpu_sweep.py)
 Seeds are blocks: every order of a mixer runs with the same seeds (same initial weights, same
 batches), so orders are compared within a seed. A finished run (metrics.jsonl has every epoch) is
 not run again and an interrupted one is resumed, so the sweep can be stopped and restarted.
---report writes runs/sweep/results.md and results.csv, and figures/results.png.
+--report writes runs/sweep/results.md and results.csv, figures/results.png and figures/plateau.png.
 """
 import argparse
 import csv
@@ -57,7 +62,24 @@ TASK_REORDER = ["--epochs", "9", "--learn-order", "--policy-start", "2", "--poli
                 "--fixed-tau", "100", "--granularity", "image", "--policy-lr", "0.3"]
 TASK_SEEDS = (0, 1, 2)
 TASK_GRID = reorder.grid_size(32, 4)
-GROUPS = ("fixed", "control", "reorder", "neighbours", "pairs")
+# The plateau budget (docs/results-plateau.md): a smaller model trained until val top-1 stops
+# moving; REOrder at the paper's proportions, 15% fixed, 30% learning, 55% fine-tuning
+PLATEAU_EPOCHS = 40
+PLATEAU = ["--data", "fashion-mnist", "--img-size", "28", "--patch", "4", "--val-subset", "2000",
+           "--epochs", str(PLATEAU_EPOCHS), "--batch-size", "32",
+           "--lr", "3e-3", "--warmup-epochs", "2"]
+# width 32, depth 2, 2,000 images; bimamba (four scans: a step costs ~5x mamba's, ~20x causal's
+# here) at width 16 on 1,000 images, to fit the time
+PLATEAU_MODEL = {m: ["--dim", "16" if m == "bimamba" else "32", "--depth", "2", "--heads", "2",
+                     "--subset", "1000" if m == "bimamba" else "2000"]
+                 for m in ("causal", "bimamba", "mamba")}
+PLATEAU_REORDER = ["--learn-order", "--policy-start", str(round(0.15 * PLATEAU_EPOCHS)),
+                   "--policy-epochs", str(round(0.30 * PLATEAU_EPOCHS)), "--granularity", "image",
+                   "--orders-per-step", "4", "--policy-lr", "0.03", "--tau-max", "0.05"]
+PLATEAU_ORDERS = ("row", "column", "spiral")  # the paper's two best and its worst (Mamba, TXL)
+PLATEAU_MIXERS = ("causal", "bimamba", "mamba")  # REOrder starts from the worst fixed order:
+PLATEAU_START = {"causal": "spiral", "bimamba": "column"}  # measured on seeds 0-1, pinned
+GROUPS = ("fixed", "control", "reorder", "neighbours", "pairs", "plateau", "plateau-reorder")
 
 
 def flag(args, name):
@@ -65,9 +87,36 @@ def flag(args, name):
     return args[args.index(name) + 1]
 
 
-def runs(groups, out, seeds=SEEDS):
+def set_flags(args, **values):
+    """A copy of a train.py argument list with flags' values replaced (policy_lr: --policy-lr)."""
+    args = list(args)
+    for name, value in values.items():
+        args[args.index("--" + name.replace("_", "-")) + 1] = str(value)
+    return args
+
+
+def worst_fixed(out, mixer, orders, root=None):
+    """The fixed order with the lowest mean final val top-1 among the finished plateau runs of
+    `mixer` in `out`, any seed (spiral, the paper's worst, before any has finished)."""
+    done = collect(runs({"plateau"}, out, SEEDS, [mixer], orders, root=root))
+    means = {o: statistics.mean(v.values()) for o, v in table(done, "plateau-fixed", mixer).items()}
+    return min(means, key=means.get) if means else "spiral"
+
+
+def runs(groups, out, seeds=SEEDS, mixers=PLATEAU_MIXERS, orders=PLATEAU_ORDERS,
+         task_seeds=TASK_SEEDS, root=None, task_size=None, starts=PLATEAU_START):
     """[(group, mixer, order, seed, train.py arguments)] of the chosen groups."""
     jobs = []
+    where = ["--root", root] if root else []
+    for seed, mixer in itertools.product(seeds, (m for m in mixers if m in reorder.MIXERS)):
+        common = PLATEAU + PLATEAU_MODEL[mixer] + where + ["--mixer", mixer, "--seed", str(seed)]
+        if "plateau" in groups:
+            jobs += [("plateau-fixed", mixer, o, seed, common + ["--order", o]) for o in orders]
+        if "plateau-reorder" in groups:
+            worst = starts.get(mixer) or worst_fixed(out, mixer, orders, root)
+            start = common + ["--order", worst] + PLATEAU_REORDER
+            jobs += [("plateau-reorder", mixer, worst, seed, start),
+                     ("plateau-frozen", mixer, worst, seed, set_flags(start, policy_lr=0))]
     for seed, name in itertools.product(seeds, reorder.ORDERS):
         common = FMNIST + MODEL + ["--order", name, "--seed", str(seed)]
         for mixer, flags in MIXERS.items():
@@ -77,8 +126,8 @@ def runs(groups, out, seeds=SEEDS):
                 jobs.append(("reorder", mixer, name, seed, common + flags + REORDER))
         if "control" in groups:
             jobs.append(("control", "full", name, seed, common + CONTROL))
-    for seed in TASK_SEEDS:
-        task = MODEL + TASK + ["--seed", str(seed)]
+    for seed in task_seeds:
+        task = set_flags(MODEL + TASK, **(task_size or {})) + ["--seed", str(seed)]
         if "neighbours" in groups:
             task_jobs = [("fixed", "row", TASK_FIXED), ("fixed", "column", TASK_FIXED),
                          ("reorder", "row", TASK_REORDER),
@@ -137,6 +186,14 @@ def collect(jobs):
                "val_top1": round(h[-1]["val_top1"], 2),
                "seconds": round(sum(e["seconds"] for e in h), 1),
                "order_shift": round(h[-1]["order_shift"], 2)}
+        last = [e["val_top1"] for e in h[len(h) - max(1, round(0.2 * len(h))) - 1:]]
+        x = [i - (len(last) - 1) / 2 for i in range(len(last))]  # a line fitted through them
+        trend = sum(a * b for a, b in zip(x, last)) / max(1e-9, sum(a * a for a in x)) * (
+            len(last) - 1)
+        row.update(train_top1=round(h[-1]["train_top1"], 2),  # the last 20% of epochs:
+                   last20_change=round(last[-1] - last[0], 2),  # from its start to the end
+                   last20_trend=round(trend, 2), last20_range=round(max(last) - min(last), 2),
+                   curve=[e["val_top1"] for e in h])
         if flag(args, "--data") in ("pairs", "neighbours"):
             gap = 1 if flag(args, "--data") == "neighbours" else None
             perm = data.load_order(os.path.join(run_dir, "order.pt"), TASK_GRID[0] * TASK_GRID[1])
@@ -217,16 +274,20 @@ def mean_std(values):
 # --------------------------------------------------------------------------------------------------
 
 def report(rows, out, figure=None, estimators=True):
+    import plateau  # tests/plateau.py: the plateau groups' tables and picture
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         keys = ["group", "mixer", "order", "seed", "val_top1", "seconds", "order_shift",
-                "pair_distance", "pairs_in_reach"]
-        writer = csv.DictWriter(f, keys)
+                "pair_distance", "pairs_in_reach", "train_top1", "last20_change", "last20_trend",
+                "last20_range"]
+        writer = csv.DictWriter(f, keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["Final val top-1 (%), mean ± std over seeds (n = runs).", ""]
-    mixers = [m for m in list(MIXERS) + ["full"] if any(r["mixer"] == m for r in rows)]
+    lines = []
+    mixers = [m for m in list(MIXERS) + ["full"] if any(
+        r["mixer"] == m and r["group"] in ("fixed", "reorder", "control") for r in rows)]
     if mixers:
-        lines += ["| ordering | " + " | ".join(
+        lines += ["Final val top-1 (%), mean ± std over seeds (n = runs).", "",
+                  "| ordering | " + " | ".join(
             f"{m} fixed | {m} REOrder" if m != "full" else "full attention (control)"
             for m in mixers) + " |", "|---|" + "---:|" * sum(1 if m == "full" else 2
                                                              for m in mixers)]
@@ -290,6 +351,7 @@ def report(rows, out, figure=None, estimators=True):
                       "|---|---:|---:|---:|---:|"]
             lines += [f"| {n} | {d:.2f} | {r:.2f} | {loss:.4f} | {acc:.1f} |"
                       for n, d, r, loss, acc in sensitivity(run_dir, "neighbours")]
+    lines += plateau.tables(rows)
     if estimators:
         lines += ["", "The estimator and the optimizer alone (no model; 3 seeds):", ""]
         lines += estimator_table()
@@ -298,6 +360,8 @@ def report(rows, out, figure=None, estimators=True):
         f.write(text)
     if figure and mixers:
         draw_results(rows, mixers, figure)
+    if figure and any(r["group"].startswith("plateau-") for r in rows):
+        plateau.draw_curves(rows, os.path.join(os.path.dirname(figure), "plateau.png"))
     return text
 
 
@@ -415,7 +479,13 @@ def main(argv=None):
                     + ", ".join(GROUPS))
     ap.add_argument("--out", default="runs/sweep")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)),
-                    help="seeds of the Fashion-MNIST groups (the known-answer tasks use 0, 1, 2)")
+                    help="seeds of the Fashion-MNIST groups")
+    ap.add_argument("--mixers", default=",".join(PLATEAU_MIXERS), help="of the plateau groups")
+    ap.add_argument("--orders", default=",".join(PLATEAU_ORDERS), help="of group plateau")
+    ap.add_argument("--task-seeds", default=",".join(map(str, TASK_SEEDS)))
+    ap.add_argument("--root", default=None, help="Fashion-MNIST's folder (plateau groups)")
+    ap.add_argument("--task-subset", default=None, help="known-answer tasks: training images")
+    ap.add_argument("--task-batch", default=None, help="known-answer tasks: batch size")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     ap.add_argument("--report", action="store_true", help="only rebuild the tables and picture")
     ap.add_argument("--figure", default=os.path.join(ROOT, "figures", "results.png"))
@@ -427,7 +497,11 @@ def main(argv=None):
     if "pairs" in groups:
         data.save_order(os.path.join(args.out, "pair_order.pt"), data.pair_order(*TASK_GRID),
                         TASK_GRID)
-    jobs = runs(groups, args.out, [int(s) for s in args.seeds.split(",")])
+    jobs = runs(groups, args.out, [int(s) for s in args.seeds.split(",")],
+                args.mixers.split(","), args.orders.split(","),
+                [int(s) for s in args.task_seeds.split(",")], args.root,
+                {k: v for k, v in (("subset", args.task_subset), ("batch_size", args.task_batch))
+                 if v})
     if not args.report:
         t0 = time.time()
 
@@ -437,7 +511,8 @@ def main(argv=None):
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda job: launch(job, log), jobs))
         log("done")
-    print(report(collect(jobs), args.out, args.figure))
+    print(report(collect(jobs), args.out, args.figure,  # the estimators' table: ~1 min
+                 estimators=bool(groups & {"fixed", "control", "reorder"})))
 
 
 if __name__ == "__main__":

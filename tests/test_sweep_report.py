@@ -56,3 +56,35 @@ def test_report_tables_on_known_rows(tmp_path):
 def test_sweep_plans_every_order_mixer_and_seed(groups, count):
     jobs = sweep.runs(groups, "out")
     assert len(jobs) == count and len({sweep.flag(j[4], "--out") for j in jobs}) == count
+
+
+def test_plateau_tables_and_curves(tmp_path):
+    rows = []
+    for seed in range(3):
+        for j, name in enumerate(("row", "column", "spiral")):
+            curve = [50.0 + 20 * (1 - 0.5 ** e) - 2 * j + seed for e in range(10)]
+            rows.append({"group": "plateau-fixed", "mixer": "causal", "order": name, "seed": seed,
+                         "val_top1": curve[-1], "train_top1": 80.0, "curve": curve,
+                         "last20_change": curve[-1] - curve[-3], "last20_trend": 0.0,
+                         "last20_range": curve[-1] - curve[-3]})
+        spiral = rows[-1]
+        for group, gain in (("plateau-reorder", 1.0), ("plateau-frozen", 0.5)):
+            curve = [v + gain for v in spiral["curve"]]
+            rows.append({**spiral, "group": group, "curve": curve, "val_top1": curve[-1]})
+    text = sweep.report(rows, str(tmp_path), figure=str(tmp_path / "results.png"),
+                        estimators=False)
+    assert "| causal | 3 | row 70.96 > column 68.96 > spiral 66.96 | 4.00 | 0.00 |" in text
+    assert "| causal | REOrder − fixed spiral | +1.00 | 0.250 | 3 of 3 | 0.00 |" in text
+    assert "| causal | REOrder − frozen | +0.50 | 0.250 | 3 of 3 | 0.00 |" in text
+    assert (tmp_path / "plateau.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "results.png").exists()  # no fixed/reorder/control rows: no bar chart
+
+
+def test_plateau_plan_follows_the_papers_proportions():
+    jobs = sweep.runs({"plateau", "plateau-reorder"}, "out", seeds=(0, 1), mixers=("causal",))
+    assert [j[0] for j in jobs[:5]] == ["plateau-fixed"] * 3 + ["plateau-reorder", "plateau-frozen"]
+    args = jobs[3][4]
+    e = int(sweep.flag(args, "--epochs"))
+    assert int(sweep.flag(args, "--policy-start")) == round(0.15 * e)
+    assert int(sweep.flag(args, "--policy-epochs")) == round(0.30 * e)
+    assert sweep.flag(jobs[4][4], "--policy-lr") == "0" and len(jobs) == 10
