@@ -1,7 +1,7 @@
 """The GPU check: every mixer on a CUDA device against the CPU, under autocast, compiled, and one
 tiny --learn-order epoch of train.py with AMP. A script, not a test (pytest does not collect it).
 
-    python tests/gpu_check.py                 # on a CUDA device; prints one table, exit 1 on a FAIL
+    python tests/gpu_check.py                 # on a CUDA device; a table, row by row; exit 1 on a FAIL
     python tests/gpu_check.py --device cpu    # a dry run of the same code on the CPU
 
 Rows: forward + backward of a small ViT (width 96, depth 2, 64 patches, batch 8, a random order
@@ -52,6 +52,14 @@ def gradient_error(got, want):
     return (diff.norm() / torch.cat([w.flatten() for w in want.values()]).norm()).item()
 
 
+class Rows(list):
+    """The table's rows, each printed as it comes: a run cut short still shows what it checked."""
+
+    def append(self, row):
+        super().append(row)
+        print(f"| {row[0]} | {row[1]} | {'ok' if row[2] else 'FAIL'} |", flush=True)
+
+
 def check_mixers(device, rows):
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randn(8, 3, 32, 32, generator=g), torch.randint(10, (8,), generator=g)
@@ -74,11 +82,24 @@ def check_mixers(device, rows):
                          f"grads {err_grads:.1e} (limit {limit:.0e})",
                          err_logits < limit and err_grads < limit
                          and all(torch.isfinite(v).all() for v in grads.values())))
+
+
+def check_compile(device, rows):
+    g = torch.Generator().manual_seed(0)
+    inputs = [t.to(device) for t in (torch.randn(8, 3, 32, 32, generator=g),
+                                     torch.randint(10, (8,), generator=g),
+                                     torch.stack([torch.randperm(64, generator=g)
+                                                  for _ in range(8)]))]
+    for name, cfg in MIXERS.items():
+        torch.manual_seed(0)
+        model = reorder.ViT(reorder.vit_config("tiny", dim=96, depth=2, **cfg)).to(device)
+        t0 = time.time()
         compiled = torch.compile(copy.deepcopy(model))
         eager_logits, eager_grads = forward_backward(model, *inputs, None)
         logits, grads = forward_backward(compiled, *inputs, None)
         err = max(relative_error(logits, eager_logits), gradient_error(grads, eager_grads))
-        rows.append((f"{name}: torch.compile vs eager", f"{err:.1e} (limit 1e-4)", err < 1e-4))
+        rows.append((f"{name}: torch.compile vs eager", f"{err:.1e} (limit 1e-4), "
+                     f"{time.time() - t0:.0f} s", err < 1e-4))
 
 
 def check_policy(device, rows):
@@ -125,14 +146,12 @@ def main():
         return 2
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# {name}, torch {torch.__version__}")
-    rows = []
+    rows = Rows()
+    print("| check | result | |\n|---|---|---|")
     check_mixers(device, rows)
     check_policy(device, rows)
+    check_compile(device, rows)
     check_training(device, rows)
-    width = max(len(r[0]) for r in rows)
-    print(f"| {'check':<{width}} | result | |\n|{'-' * (width + 2)}|---|---|")
-    for what, result, ok in rows:
-        print(f"| {what:<{width}} | {result} | {'ok' if ok else 'FAIL'} |")
     print(f"{sum(ok for *_, ok in rows)} of {len(rows)} checks passed")
     return 0 if all(ok for *_, ok in rows) else 1
 
