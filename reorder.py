@@ -392,12 +392,13 @@ def selective_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class Mamba(nn.Module):
-    """Mamba-1's selective state-space layer (Gu and Dao, 2023) in plain torch: [B, L, D] -> [B, L, D].
+    """Mamba-1's selective state-space layer (Gu and Dao, 2023) in plain torch: [B, L, D] -> same.
 
     in_proj to x and a gate z (expand x width each); then per scan core: a causal depthwise conv
     (kernel d_conv) and SiLU on x, x projected to (Δ, B, C) with Δ = softplus(dt_proj(·)) per
-    channel, the scan h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t, y_t = C_t · h_t + D x_t (A = -exp(A_log),
-    per channel and state, float32 under autocast too); the cores' y mean, · SiLU(z); out_proj.
+    channel, the scan h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t, y_t = C_t · h_t + D x_t
+    (A = -exp(A_log) per channel and state; float32 under autocast too); the cores' mean y,
+    y · SiLU(z), out_proj.
     directions=1 ("mamba"): one core reading the sequence first to last slot. directions=4
     ("bimamba", the paper's released "bimamba v3" layer): cores read the sequence forward, flipped,
     "transposed" (the first h*w tokens, in slot order, laid row by row on the h x w `grid`, the grid
@@ -525,7 +526,8 @@ class Block(nn.Module):
         hidden = int(cfg.dim * cfg.mlp_ratio)
         self.norm1, self.norm2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
         self.mix = (Mamba(cfg.dim, directions=4 if cfg.mixer == "bimamba" else 1, grid=grid)
-                    if "mamba" in cfg.mixer else Attention(cfg.dim, cfg.heads, cfg.window, cfg.mixer == "causal"))
+                    if "mamba" in cfg.mixer
+                    else Attention(cfg.dim, cfg.heads, cfg.window, cfg.mixer == "causal"))
         self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(),
                                  nn.Linear(hidden, cfg.dim))
 
