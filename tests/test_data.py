@@ -87,6 +87,24 @@ def test_image_folder_loader_resizes_and_skips_unreadable_images(tmp_path, capsy
     assert "warning: skipping unreadable image" in capsys.readouterr().err
 
 
+def test_an_image_too_large_for_pil_is_skipped_by_training_and_by_the_prior(tmp_path, capsys,
+                                                                            monkeypatch):
+    # issue 17, defect 7: PIL refuses an image over twice MAX_IMAGE_PIXELS (a big fMoW tile) with
+    # DecompressionBombError, which is no OSError: it crashed train.py and prior.py
+    from PIL import Image
+    write_jpegs(tmp_path, size=(40, 50))
+    Image.new("RGB", (120, 100)).save(tmp_path / "train" / "dog" / "huge.jpg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # 120 x 100 = 12,000 > 2 x 5,000
+    out = tmp_path / "p.json"
+    assert prior.main(["--data", "folder", "--root", str(tmp_path), "--n", "100", "--codebook", "4",
+                       "--workers", "1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["images"] == 8
+    summary = train.main(["--data", "folder", "--root", str(tmp_path), *SMALL, "--batch-size", "3",
+                          "--workers", "0", "--out", str(tmp_path / "run")])
+    assert len(metrics(summary["out"])) == 1
+    assert "skipping unreadable image" in capsys.readouterr().err
+
+
 def test_unreadable_images_are_skipped_by_the_prior_and_by_training(tmp_path):
     write_jpegs(tmp_path)
     for path in (tmp_path / "train" / "dog" / "broken.jpg", tmp_path / "val" / "cat" / "bad.jpg"):
