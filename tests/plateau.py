@@ -6,14 +6,14 @@ spiral, REOrder from spiral (the paper's worst for both mixers) at the paper's p
 fixed, 30% learning, 55% fine-tuning) and its frozen-policy control.
 
     python tests/plateau.py --root data/fashion-mnist --out $OUT/gpu      # one GPU, < 8 minutes
-    python tests/plateau.py --tiny --out runs/gpu-tiny                    # CPU dry run, ~4 min
+    python tests/plateau.py --tiny --out runs/gpu-tiny/table              # CPU dry run, ~4 min
 
 Runs go `--parallel` at a time on the one device (small models are launch-bound, so several
 processes share it well), in order of importance: seed 0 of every cell first. At `--budget-s`
 every run still going is stopped; it stays in the table with the epochs it finished, marked
 partial, and out of the tests. A run that fails is listed as failed and the rest go on. The table
 (results.csv, results.md: every run, then the plateau tables over the finished runs) goes to
---out and is printed at the end.
+--out and is printed at the end; the runs themselves (checkpoints, logs) go to --runs.
 """
 import argparse
 import csv
@@ -43,7 +43,7 @@ def plan(args):
                       policy_epochs=round(0.30 * size["epochs"]))
     jobs = []
     for seed in map(int, args.seeds.split(",")):
-        for job in sweep.runs({"plateau", "plateau-reorder"}, args.out, [seed],
+        for job in sweep.runs({"plateau", "plateau-reorder"}, args.runs, [seed],
                               args.mixers.split(","), sweep.PLATEAU_ORDERS, root=args.root,
                               starts=dict.fromkeys(args.mixers.split(","), "spiral")):
             extra = curriculum if job[0] != "plateau-fixed" else {}
@@ -55,7 +55,9 @@ def plan(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="folder for the runs and the table")
+    ap.add_argument("--out", required=True, help="folder for the table (results.csv, .md)")
+    ap.add_argument("--runs", default=None, help="folder for the run folders (checkpoints); "
+                    "default runs/gpu, runs/gpu-tiny with --tiny")
     ap.add_argument("--root", default="data/fashion-mnist" if os.path.isdir(
         "data/fashion-mnist") else None, help="Fashion-MNIST's .gz files")
     ap.add_argument("--mixers", default="causal,bimamba", help="(mixers train.py lacks: skipped)")
@@ -66,8 +68,10 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="CPU dry run at a tiny size")
     args = ap.parse_args(argv)
     args.device = args.device or ("cpu" if args.tiny else "cuda")
+    args.runs = args.runs or ("runs/gpu-tiny" if args.tiny else "runs/gpu")
     parallel = args.parallel or (8 if args.device == "cuda" else 1)
     os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.runs, exist_ok=True)
     jobs, t0 = plan(args), time.time()
     missing = set(args.mixers.split(",")) - set(sweep.reorder.MIXERS)
     if missing:
