@@ -15,8 +15,8 @@ Groups (each a set of train.py runs, one thread each; the budgets are FMNIST and
   pairs       the known-answer task --data pairs: fixed row and pairing orders, REOrder from row
   plateau     PLATEAU: a budget where val top-1 stops moving; row, column, spiral (--orders) for
               causal and bimamba (--mixers); plateau-reorder: REOrder at the paper's 15/30/55 from
-              the worst (PLATEAU_START) and its frozen-policy control (docs/results-plateau.md;
-              the same at 196 patches on a GPU: tests/gpu_sweep.py)
+              the worst (PLATEAU_START) and its frozen-policy control (docs/results.md, the plateau;
+              the same at 196 patches on a GPU: tests/plateau.py)
 Seeds are blocks: every order of a mixer runs with the same seeds (same initial weights, same
 batches), so orders are compared within a seed. A finished run (metrics.jsonl has every epoch) is
 not run again and an interrupted one is resumed, so the sweep can be stopped and restarted.
@@ -62,7 +62,7 @@ TASK_REORDER = ["--epochs", "9", "--learn-order", "--policy-start", "2", "--poli
                 "--fixed-tau", "100", "--granularity", "image", "--policy-lr", "0.3"]
 TASK_SEEDS = (0, 1, 2)
 TASK_GRID = reorder.grid_size(32, 4)
-# The plateau budget (docs/results-plateau.md): a smaller model trained until val top-1 stops
+# The plateau budget (docs/results.md, the plateau): a smaller model trained until val top-1 stops
 # moving; REOrder at the paper's proportions, 15% fixed, 30% learning, 55% fine-tuning
 PLATEAU_EPOCHS = 40
 PLATEAU = ["--data", "fashion-mnist", "--img-size", "28", "--patch", "4", "--val-subset", "2000",
