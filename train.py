@@ -349,7 +349,7 @@ def save(out, ckpt, grid, order_now=False):
     torch.save(ckpt, buffer)
     if order_now is not False:
         history = ckpt["progress"]["history"]
-        tops = [line["val_top1"] for line in history]
+        tops = [-1 if line["val_top1"] is None else line["val_top1"] for line in history]
         if tops.index(max(tops)) == len(tops) - 1:
             data.atomic_save(buffer.getvalue(), os.path.join(out, "best.pt"))
         with data.atomic_path(os.path.join(out, "metrics.jsonl")) as tmp, open(tmp, "w") as f:
