@@ -30,10 +30,13 @@ MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
             "fashion-mnist": ((0.2860,), (0.3530,)),
             "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}  # ImageNet's, also fMoW's
 
+
 # ---- command lines: one-line errors, checked numbers, files written whole ------------------------
+
 
 class UsageError(ValueError):
     """Bad input: reported as one line, exit status 2, nothing overwritten."""
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, with errors on one line (exit status 2) instead of usage text plus the error."""
@@ -41,6 +44,7 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
+
 
 def number(cast=float, low=None, above=None, high=None):
     """An argparse type: cast(text), finite, >= low, > above, <= high; else a one-line error."""
@@ -59,11 +63,13 @@ def number(cast=float, low=None, above=None, high=None):
         return value
     return parse
 
+
 def one_line(e):
     """An exception as "Type: message" on one line, the message cut to 160 characters."""
     text = " ".join(str(e).split())
     text = text if len(text) <= 160 else text[:157] + "..."
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
 
 def check_writable(folder):
     """A UsageError unless a file can be made in `folder`, or, while it does not exist, in the
@@ -77,6 +83,7 @@ def check_writable(folder):
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
         raise UsageError(f"cannot write into {folder} ({one_line(e)})") from None
+
 
 @contextmanager
 def atomic_path(path):
@@ -93,6 +100,7 @@ def atomic_path(path):
         with suppress(FileNotFoundError):  # renamed already, unless the block failed
             os.remove(tmp)
 
+
 def atomic_save(obj, path):
     """torch.save through atomic_path, bytes as they are; serialized first, so that a failed write
     is an OSError."""
@@ -103,6 +111,7 @@ def atomic_save(obj, path):
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(obj)
 
+
 def keep_freed_memory():
     """glibc: keep freed memory for the next step; fresh pages (by default for every block over 32
     MiB) cost a page fault each, most of a long sequence's time (tests/bench.py). Process-wide:
@@ -112,7 +121,9 @@ def keep_freed_memory():
         libc.mallopt(-4, 0)  # M_MMAP_MAX: never serve a block by mmap
         libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD: glibc reads -1 as SIZE_MAX, never trim the heap
 
+
 # ---- image data sets -----------------------------------------------------------------------------
+
 
 class TensorImages(Dataset):
     """Images held as uint8 [n, C, h, w] (10 classes): scaled, resized to `size`, normalized."""
@@ -132,6 +143,7 @@ class TensorImages(Dataset):
                               antialias=True)[0]
         return (x - self.mean) / self.std, int(self.labels[i])
 
+
 class SyntheticImages(Dataset):
     """Class templates plus noise, generated from the index alone: for tests and smoke runs."""
 
@@ -148,6 +160,7 @@ class SyntheticImages(Dataset):
         label = int(torch.randint(self.num_classes, (), generator=g))
         noise = torch.randn(3, self.size, self.size, generator=g)
         return self.templates[label] * 0.5 + noise, label
+
 
 class SafeImageFolder(Dataset):
     """A torchvision ImageFolder whose images that PIL cannot read, or refuses as too large (a
@@ -168,10 +181,12 @@ class SafeImageFolder(Dataset):
                   f"({type(e).__name__})", file=sys.stderr)
             return None
 
+
 def collate_skipping_none(batch):
     """default_collate without the unreadable images; None if none of the batch is readable."""
     items = [item for item in batch if item is not None]
     return torch.utils.data.default_collate(items) if items else None
+
 
 def readable_items(dataset, indices=None):
     """The items of `dataset` at `indices` (default: all) that are not unreadable images (None)."""
@@ -179,6 +194,7 @@ def readable_items(dataset, indices=None):
         item = dataset[int(i)]
         if item is not None:
             yield item
+
 
 class Flipped(Dataset):
     """Horizontal flip with probability 1/2, decided by hashing (seed, epoch, index)."""
@@ -195,6 +211,7 @@ class Flipped(Dataset):
         if item is None or hashlib.blake2b(key, digest_size=1).digest()[0] < 128:
             return item
         return item[0].flip(-1), item[1]
+
 
 def download(dataset_class, folder, what, advice):
     """A torchvision data set downloaded into `folder` through a temporary folder beside it: a
@@ -216,12 +233,14 @@ def download(dataset_class, folder, what, advice):
         if created and not os.listdir(parent):
             os.rmdir(parent)
 
+
 def read_idx(path):
     """A gzipped IDX file (MNIST's: 0, 0, 8 for uint8, ndim, big-endian sizes, data) as a tensor."""
     with gzip.open(path, "rb") as f:
         idx = bytearray(f.read())
     shape = [int.from_bytes(idx[4 + 4 * k:8 + 4 * k], "big") for k in range(idx[3])]
     return torch.frombuffer(idx, dtype=torch.uint8, offset=4 + 4 * idx[3]).view(shape)
+
 
 def fashion_mnist(root, split, size):
     """Fashion-MNIST's gzipped IDX files in `root` or root/FashionMNIST/raw (torchvision's layout).
@@ -244,6 +263,7 @@ def fashion_mnist(root, split, size):
         images = F.pad(images, (p, p, p, p))
     return TensorImages(images, labels, size, *MEAN_STD["fashion-mnist"])
 
+
 def cifar10(root, split, size):
     """CIFAR-10's pickle batches in root/cifar-10-batches-py, read and MD5-checked by torchvision,
     downloaded when missing."""
@@ -257,6 +277,7 @@ def cifar10(root, split, size):
         raise UsageError(f"cannot read CIFAR-10 in {root} ({one_line(e)})") from None
     images = torch.from_numpy(found.data).permute(0, 3, 1, 2).contiguous()  # [n, 3, 32, 32]
     return TensorImages(images, torch.tensor(found.targets), size, *MEAN_STD["cifar10"])
+
 
 def image_folder(root, split, size):
     """root/split/<class>/<image>: resized by the paper's 256 / 224 (scaled to `size`), cropped."""
@@ -274,7 +295,9 @@ def image_folder(root, split, size):
         raise UsageError(f"no images in {folder}: expected {folder}/<class>/<image>.jpg "
                          f"({e})") from None
 
+
 # ---- known-answer tasks: the label compares pairs of patches, far apart in row-major order ------
+
 
 def pairs_of(h, w, gap):
     """[h*w/2, 2] patch ids (first, partner): (r, c) with (r + gap, c), for the rows r with r // gap
@@ -283,18 +306,22 @@ def pairs_of(h, w, gap):
     first = (r[(r // gap) % 2 == 0][:, None] * w + torch.arange(w)).flatten()
     return torch.stack([first, first + gap * w], 1)
 
+
 def pair_order(h, w, gap=None):
     """[h*w]: every patch right before its partner, the pairs in row-major order of the first."""
     return pairs_of(h, w, gap or h // 2).flatten()
+
 
 def pair_gaps(perm, h, w, gap=None):
     """Slots between the two patches of each pair in the order(s) perm: [..., N] -> [..., pairs]."""
     slots, pairs = perm.argsort(-1), pairs_of(h, w, gap or h // 2)  # slots: where each patch sits
     return (slots[..., pairs[:, 0]] - slots[..., pairs[:, 1]]).abs().float()
 
+
 def pair_distance(perm, h, w, gap=None):
     """Mean number of slots between the two patches of a pair: [..., N] -> [...]."""
     return pair_gaps(perm, h, w, gap).mean(-1)
+
 
 class PairImages(Dataset):
     """Each patch shows one bit (plus noise); patch (r, c) is paired with (r + gap, c) (pairs_of).
@@ -348,7 +375,9 @@ class PairImages(Dataset):
         image = cells.permute(0, 2, 1, 3).reshape(bits.shape[0] * p, -1)  # [h*p, w*p]
         return (image + self.noise * torch.randn(image.shape, generator=g))[None], label
 
+
 # ---- a data set by name --------------------------------------------------------------------------
+
 
 def build_dataset(data, root, split, img_size, augment=False, seed=0, subset=None, patch=4):
     """The data set `data` (one of DATASETS) for `split` ("train" or "val"); `patch` matters only
@@ -379,20 +408,25 @@ def build_dataset(data, root, split, img_size, augment=False, seed=0, subset=Non
         dataset = Subset(dataset, keep.tolist())
     return Flipped(dataset, seed) if augment else dataset
 
+
 def base_dataset(dataset):
     """The data set under any Subset / Flipped wrappers."""
     while isinstance(dataset, (Subset, Flipped)):
         dataset = dataset.dataset
     return dataset
 
+
 def num_classes_of(dataset):
     base = base_dataset(dataset)
     return len(base.classes) if hasattr(base, "classes") else base.num_classes
 
+
 # ---- saved orders: {"perm": LongTensor [N], "grid": [h, w]}, train.py's order.pt -----------------
+
 
 def save_order(path, perm, grid):
     atomic_save({"perm": perm.cpu(), "grid": list(grid)}, path)
+
 
 def load_order(path, grid):
     """A saved order (a run's order.pt, or a LongTensor) of the h x w `grid`, checked where it
@@ -412,8 +446,10 @@ def load_order(path, grid):
         raise UsageError(f"order file {path} is not an order of {grid[0]} x {grid[1]} patches "
                          f"({one_line(e)})") from None
 
+
 VIRIDIS = torch.tensor([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]],
                        dtype=torch.float)
+
 
 def draw_orders(path, grid, orders, columns=4):
     """One PNG of orders ({title: perm}) side by side: each patch coloured by its slot (dark =

@@ -29,6 +29,7 @@ from tqdm import tqdm
 import data
 import reorder
 
+
 def fit_codebook(vectors: torch.Tensor, size: int, seed: int = 0, iters: int = 20,
                  max_points: int = 20000) -> torch.Tensor:
     """k-means codebook [size, D] of vectors [M, D]: seeded Lloyd steps on <= max_points of them."""
@@ -48,12 +49,14 @@ def fit_codebook(vectors: torch.Tensor, size: int, seed: int = 0, iters: int = 2
             centres[empty] = points[worst[:int(empty.sum())]]
     return centres
 
+
 def encode(vectors: torch.Tensor, codebook: torch.Tensor, block: int = 65536) -> torch.Tensor:
     """Nearest codebook entry of every vector: [..., D] -> [...] (int64), in blocks of memory."""
     flat = vectors.reshape(-1, vectors.shape[-1]).float()
     codes = torch.cat([torch.cdist(flat[i:i + block], codebook).argmin(1)
                        for i in range(0, len(flat), block)])
     return codes.reshape(vectors.shape[:-1])
+
 
 def payload_bytes(stream: bytes, preset: int = 6) -> int:
     """Size of `stream` compressed by raw LZMA2, without LZMA2's chunk headers and end marker."""
@@ -70,6 +73,7 @@ def payload_bytes(stream: bytes, preset: int = 6) -> int:
         size, i = size + n, i + header + n
     return size
 
+
 def streams(codes: np.ndarray, codebook_size: int):
     """(unigram, bigram) byte streams of one code sequence [N], fixed-width little-endian symbols.
 
@@ -81,8 +85,10 @@ def streams(codes: np.ndarray, codebook_size: int):
     pairs = codes[0:len(codes) - 1:2].astype(np.int64) * K + codes[1::2]
     return codes.astype(_dtype(K)).tobytes(), pairs.astype(_dtype(K * K)).tobytes()
 
+
 def _dtype(vocabulary: int) -> str:
     return next(f"<u{b}" for b in (1, 2, 4, 8) if vocabulary <= 1 << (8 * b))
+
 
 def score_images(job):
     """Compression % [n, orders, 2 (unigram, bigram)] of a block of code sequences (one job)."""
@@ -95,11 +101,13 @@ def score_images(job):
                 out[i, j, s] = 100.0 * saved
     return out
 
+
 def _default_signals():
     """A worker leaves Ctrl-C to the parent and dies by SIGTERM, which ends the pool, even when
     forked from train.py's handlers (otherwise a deadlock)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
 
 def compressibility(images: torch.Tensor, patch_size: int, orders=None, codebook: int = 256,
                     seed: int = 0, preset: int = 6, workers=None, progress: bool = True) -> dict:
@@ -141,6 +149,7 @@ def compressibility(images: torch.Tensor, patch_size: int, orders=None, codebook
             for j, name in enumerate(orders)}
     return {"grid": [h, w], "images": len(codes), "codebook": len(centres), "orders": rows}
 
+
 def pick(table: dict):
     """The ordering to start the policy from: the least compressible (the paper's introduction);
     None in a tie for it (constant images, --codebook 1), where the prior prefers none."""
@@ -148,12 +157,14 @@ def pick(table: dict):
     least = [name for name, score in scores.items() if score == min(scores.values())]
     return least[0] if len(least) == 1 else None
 
+
 def format_table(table: dict) -> str:
     lines = [f"{'order':<10} {'unigram %':>16} {'bigram %':>16} {'rank':>5}"]
     for name, row in sorted(table["orders"].items(), key=lambda kv: kv[1]["rank"]):
         lines.append(f"{name:<10} {row['unigram']:>8.2f} ± {row['unigram_se']:<5.2f} "
                      f"{row['bigram']:>8.2f} ± {row['bigram_se']:<5.2f} {row['rank']:>5}")
     return "\n".join(lines)
+
 
 def sample_images(dataset, n: int, seed: int) -> torch.Tensor:
     """n images [n, C, H, W] of a dataset of (image, label), drawn reproducibly; unreadable images
@@ -167,6 +178,7 @@ def sample_images(dataset, n: int, seed: int) -> torch.Tensor:
     if not images:
         raise ValueError("no readable image in the dataset: every one failed to load")
     return torch.stack(images)
+
 
 def main(argv=None):
     ap = data.OneLineParser(description=__doc__,
@@ -216,6 +228,7 @@ def main(argv=None):
         print(f"prior.py: error: {e}", file=sys.stderr)
         return 2
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -204,10 +204,6 @@ def epoch_record(progress, args, steps_per_epoch, top1, top5, lr, order_now, sta
 # Input checked before anything is written; the run folder and its checkpoint
 # --------------------------------------------------------------------------------------------------
 
-def fail(message):
-    raise UsageError(message)
-
-
 @contextmanager
 def usage_errors(what=None, errors=(ValueError,)):
     """`errors` as one line: reorder.py's ValueErrors as they are, or "what (the error)"."""
@@ -229,14 +225,14 @@ def check_inputs(args):
     val_set = data.build_dataset(args.data, args.root, "val", args.img_size,
                                  subset=args.val_subset, patch=args.patch)
     if len(train_set) < args.batch_size * WORLD:
-        fail(f"{len(train_set)} training images are fewer than one batch of "
-                  f"{args.batch_size} x {WORLD} processes: lower --batch-size")
+        raise UsageError(f"{len(train_set)} training images are fewer than one batch of "
+                         f"{args.batch_size} x {WORLD} processes: lower --batch-size")
     if len({str(getattr(data.base_dataset(s), "classes", 0)) for s in (train_set, val_set)}) > 1:
-        fail(f"train/ and val/ hold different class folders under {args.root}")
+        raise UsageError(f"train/ and val/ hold different class folders under {args.root}")
     firsts = [next(data.readable_items(dataset), None) for dataset in (train_set, val_set)]
     if None in firsts:
-        fail(f"no readable image in the {('train', 'val')[firsts.index(None)]} split of "
-                  f"--data {args.data} (each one is named above)")
+        raise UsageError(f"no readable image in the {('train', 'val')[firsts.index(None)]} split "
+                         f"of --data {args.data} (each one is named above)")
     sizes = {k: getattr(args, k) for k in ("dim", "depth", "heads") if getattr(args, k)}
     with usage_errors():
         return train_set, val_set, reorder.ViT(reorder.vit_config(
@@ -287,26 +283,29 @@ def claim(args, steps_per_epoch, num_patches):
         f"choose another --out" if found and not args.resume else None]
     if WORLD > 1:  # rank 0's view of the folder decides for every rank
         dist.broadcast_object_list(error, src=0)
-    if error[0] or not args.resume:
-        return None if not error[0] else fail(error[0])
+    if error[0]:
+        raise UsageError(error[0])
+    if not args.resume:
+        return None
     try:
         ckpt = torch.load(last, map_location="cpu", weights_only=True)
     except Exception as e:
-        fail(f"checkpoint {last} is unreadable or corrupt ({type(e).__name__}): train into "
-                  f"another --out")
+        raise UsageError(f"checkpoint {last} is unreadable or corrupt ({type(e).__name__}): "
+                         f"train into another --out") from None
     saved = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
     diff = [f"--{k.replace('_', '-')} {saved.get(k)} (now {v})" for k, v in vars(args).items()
             if k not in RESUME_MAY_CHANGE + NO_NUMBER and saved.get(k) != v]
     if diff or not isinstance(ckpt, dict):
-        fail(f"checkpoint {last} does not match this run: it was trained with "
-                  f"{', '.join(diff[:3]) or 'another layout'}: use the same flags or another --out")
+        raise UsageError(f"checkpoint {last} does not match this run: it was trained with "
+                         f"{', '.join(diff[:3]) or 'another layout'}: use the same flags or "
+                         f"another --out")
     p, types = ckpt.get("progress"), dict(epoch=int, done_in_epoch=int, history=list, sums=dict,
                                           changed=dict)
     if not (isinstance(p, dict) and all(type(p.get(k)) is t for k, t in types.items())
             and 0 <= p["epoch"] <= args.epochs and len(p["history"]) == p["epoch"] and
             0 <= p["done_in_epoch"] < (steps_per_epoch if p["epoch"] < args.epochs else 1)):
-        fail(f"checkpoint {last} does not fit this run (its progress is no position in "
-                  f"{args.epochs} epochs of {steps_per_epoch} steps)")
+        raise UsageError(f"checkpoint {last} does not fit this run (its progress is no "
+                         f"position in {args.epochs} epochs of {steps_per_epoch} steps)")
     with usage_errors(f"checkpoint {last} does not fit this run", (KeyError, ValueError)):
         reorder.check_perm(ckpt["start_perm"], num_patches)
     return ckpt
@@ -316,7 +315,7 @@ def resume(state, ckpt, args, schedule, device, policy_gen):
     """{flag: [before, after]}: every object loaded from the checkpoint; the flags of
     RESUME_MAY_CHANGE apply from here on."""
     with usage_errors(f"checkpoint {args.out}/last.pt does not fit this run",
-                           (KeyError, TypeError, ValueError, RuntimeError, IndexError)):
+                      (KeyError, TypeError, ValueError, RuntimeError, IndexError)):
         for name, obj in state.items():
             if name != "scaler" or ckpt[name]:  # a run without fp16 saved no scaler
                 obj.load_state_dict(ckpt[name])
@@ -336,6 +335,12 @@ def resume(state, ckpt, args, schedule, device, policy_gen):
         print("--resume with " + ", ".join(f"--{k.replace('_', '-')} {new} (was {old})"
                                            for k, (old, new) in changed.items()))
     return changed
+
+
+def checkpoint(state, meta, progress, rng):
+    """Everything --resume needs, in one dict."""
+    return {**{k: v.state_dict() for k, v in state.items()}, **meta, "progress": progress,
+            "rng": rng}
 
 
 def save(out, ckpt, grid, order_now=False):
@@ -502,9 +507,6 @@ def train(args):
         net = torch.nn.parallel.DistributedDataParallel(net) if WORLD > 1 else net
 
         current_order = policy.mode if policy is not None else (lambda: start_perm)
-        def checkpoint(rng):  # everything --resume needs, in one dict
-            return {**{k: v.state_dict() for k, v in state.items()}, **meta,
-                    "progress": progress, "rng": rng}
         # where last.pt is; a checkpoint asked for: "step", or "epoch" (with the epoch's outputs)
         saved, due = (progress["epoch"], progress["done_in_epoch"]) if resumed else None, None
         while progress["epoch"] < args.epochs:
@@ -545,7 +547,8 @@ def train(args):
                 # 3. the state before this step gave a finite loss and gradients: write the
                 #    checkpoint asked for now (and at Ctrl-C or SIGTERM, then exit); then step
                 if due or stop:
-                    save(args.out, checkpoint(rng), grid, due == "epoch" and current_order())
+                    save(args.out, checkpoint(state, meta, progress, rng), grid,
+                         due == "epoch" and current_order())
                     saved, due = (epoch, progress["done_in_epoch"]), None
                 if stop:
                     interrupted(caught[0], args.out, saved, steps_per_epoch)
@@ -579,7 +582,8 @@ def train(args):
                       f"{top1:.2f} top-5 {top5:.2f}, tau {h['tau']:.3f}, order shift "
                       f"{h['order_shift']:.2f}, {h['seconds']:.1f} s", flush=True)
         if due:  # the last epoch: there is no later step to wait for
-            save(args.out, checkpoint(rng_state(device, policy_gen)), grid, current_order())
+            save(args.out, checkpoint(state, meta, progress, rng_state(device, policy_gen)), grid,
+                 current_order())
         elif WRITER:
             print(f"{args.out}: the run is complete ({args.epochs} epochs)")
     return {"out": args.out, "history": progress["history"], "order": current_order().cpu(),
@@ -658,8 +662,8 @@ def parse_args(argv=None):
     a("--baseline", choices=["ema", "loo"],
       help="K > 1: leave-one-out over the orders; K = 1: the paper's EMA (0.99), or leave-one-out "
            "over the images (--granularity image)")
-    a("--granularity", default="batch", choices=["batch", "image"], help="an order per batch "
-                                                                          "or per image")
+    a("--granularity", default="batch", choices=["batch", "image"],
+      help="an order per batch or per image")
     a("--epochs", type=count, default=100)
     a("--batch-size", type=count, default=128, help="per process")
     a("--lr", type=positive, default=1e-4)
