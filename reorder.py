@@ -179,11 +179,12 @@ class PlackettLuce(nn.Module):
             policy.logits[perm] = -torch.arange(n, dtype=torch.float32) / max(n - 1, 1)
         return policy
 
-    def log_prob(self, perm: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-        """log p(perm) under logits / tau: perm [..., N] -> [...] (float32, any logits)."""
+    def log_prob(self, perm: torch.Tensor, tau: float = 1.0, check: bool = True) -> torch.Tensor:
+        """log p(perm) under logits / tau: perm [..., N] -> [...] (float32, any logits). check=False
+        skips the permutation check's sort and host sync, for the policy's own samples."""
         if not tau > 0:  # at tau = 0 the scores would be NaN
             raise ValueError(f"tau must be > 0, got {tau} (sample() gives the mode at tau <= 0)")
-        s = self.logits.float()[check_perm(perm, self.logits.numel())] / tau
+        s = self.logits.float()[check_perm(perm, self.logits.numel(), values=check)] / tau
         # log Σ_{j≥k} exp(s_σj): a cumulative logsumexp over the sequence read backwards
         tail = torch.logcumsumexp(s.flip(-1), dim=-1).flip(-1)
         return (s - tail).sum(-1)
@@ -204,7 +205,7 @@ class PlackettLuce(nn.Module):
         tiny = torch.finfo(u.dtype).tiny
         gumbel = -torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-7)))  # never log(0)
         perm = torch.argsort(self.logits.detach().float() / tau + gumbel, dim=-1, descending=True)
-        return perm, self.log_prob(perm, tau)
+        return perm, self.log_prob(perm, tau, check=False)  # an argsort: a permutation
 
     def mode(self) -> torch.Tensor:
         """The most likely permutation: argsort of the logits, descending. [N]"""

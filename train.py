@@ -117,7 +117,7 @@ def policy_optimizer(policy, lr):
 def policy_update(policy, policy_opt, perm, tau, reward, baseline):
     """One REINFORCE step (§5) on the orders `perm` and their rewards, scored under the current
     logits / tau; gradients averaged over ranks, clipped to 5. Returns log p(perm), detached."""
-    log_prob = policy.log_prob(perm, tau)
+    log_prob = policy.log_prob(perm, tau, check=False)  # the policy's own samples
     policy_opt.zero_grad(set_to_none=True)
     reorder.reinforce_loss(log_prob, reward, baseline).backward()
     if WORLD > 1:
@@ -343,7 +343,7 @@ def checkpoint(state, meta, progress, rng):
             "rng": rng}
 
 
-def save(out, ckpt, grid, order_now=False):
+def save(out, ckpt, grid, order_now=None):
     """last.pt, the whole state in one dict, written atomically by rank 0. At an epoch's end
     (order_now given) first that epoch's outputs: best.pt if it is the best so far, metrics.jsonl,
     order.pt, order.png; last.pt comes last, so a kill in between leaves outputs that the resumed
@@ -352,7 +352,7 @@ def save(out, ckpt, grid, order_now=False):
         return
     buffer = io.BytesIO()  # serialized once, for last.pt and best.pt
     torch.save(ckpt, buffer)
-    if order_now is not False:
+    if order_now is not None:
         history = ckpt["progress"]["history"]
         tops = [-1 if line["val_top1"] is None else line["val_top1"] for line in history]
         if tops.index(max(tops)) == len(tops) - 1:
@@ -548,7 +548,7 @@ def train(args):
                 #    checkpoint asked for now (and at Ctrl-C or SIGTERM, then exit); then step
                 if due or stop:
                     save(args.out, checkpoint(state, meta, progress, rng), grid,
-                         due == "epoch" and current_order())
+                         current_order() if due == "epoch" else None)
                     saved, due = (epoch, progress["done_in_epoch"]), None
                 if stop:
                     interrupted(caught[0], args.out, saved, steps_per_epoch)
