@@ -226,21 +226,23 @@ def reinforce_loss(log_prob: torch.Tensor, reward: torch.Tensor, baseline) -> to
 class EMABaseline:
     """Exponential moving average of the batch-mean reward (§5, momentum 0.99 as in the paper).
 
-    Call it once per step with the step's mean reward: it returns the baseline for this step, built
-    from earlier steps only (so it stays unbiased), then folds the new reward in. The first step's
-    baseline is its own mean reward, so the first update has zero mean advantage instead of a jolt.
+    Call it once per step with the step's mean reward (a float, or a 0-d tensor, which stays on
+    its device: no wait for it): it returns the baseline for this step, built from earlier steps
+    only (so it stays unbiased), then folds the new reward in. The first step's baseline is its
+    own mean reward, so the first update has zero mean advantage instead of a jolt.
     """
 
     def __init__(self, momentum: float = 0.99):
         self.momentum, self.value = momentum, None
 
-    def __call__(self, mean_reward: float) -> float:
+    def __call__(self, mean_reward):
         baseline = mean_reward if self.value is None else self.value
         self.value = self.momentum * baseline + (1 - self.momentum) * mean_reward
         return baseline
 
     def state_dict(self):
-        return {"momentum": self.momentum, "value": self.value}
+        return {"momentum": self.momentum, "value": None if self.value is None else
+                float(self.value)}
 
     def load_state_dict(self, state):
         self.momentum, self.value = state["momentum"], state["value"]

@@ -85,7 +85,7 @@ def model_step(model, optimizer, scaler, images, labels, perms, dtype, clip):
     """The classifier's gradients on images read in order perms[0] ([N] or [B, N]), unscaled and
     clipped; perms[1:] only scored, with the same weights. The weights are not touched: the loop
     steps once loss and gradients are known finite. Returns (logits [K, B, classes], loss [K, B],
-    the loss's value, the gradient norm before clipping)."""
+    the loss, the gradient norm before clipping), all on the device: nothing here waits for it."""
     with autocast(images.device, dtype):
         logits = [model(images, perms[0])]
     loss = F.cross_entropy(logits[0].float(), labels, reduction="none").mean()
@@ -98,7 +98,7 @@ def model_step(model, optimizer, scaler, images, labels, perms, dtype, clip):
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    return logits, losses, loss.item(), norm.item()
+    return logits, losses, loss.detach(), norm
 
 
 def sample_orders(policy, k, tau, generator, images=None):
@@ -120,9 +120,7 @@ def policy_update(policy, policy_opt, perm, tau, reward, baseline):
     log_prob = policy.log_prob(perm, tau, check=False)  # the policy's own samples
     policy_opt.zero_grad(set_to_none=True)
     reorder.reinforce_loss(log_prob, reward, baseline).backward()
-    if WORLD > 1:
-        dist.all_reduce(policy.logits.grad)
-        policy.logits.grad /= WORLD
+    mean_over_ranks(policy.logits.grad)
     torch.nn.utils.clip_grad_norm_(policy.parameters(), 5.0)
     policy_opt.step()
     return log_prob.detach()
@@ -132,26 +130,33 @@ def reinforce(args, state, perms, tau, logits, losses, labels, progress):
     """The policy's step: a reward per order (and image), its baseline, REINFORCE (§5)."""
     reward = -losses if args.reward == "xent" else (logits.argmax(-1) == labels) * 2. - 1
     if args.granularity == "batch":  # one order, one reward: [K, B] -> [K]
-        reward = reward.mean(1)
-        if WORLD > 1:
-            dist.all_reduce(reward)
-            reward /= WORLD
+        reward = mean_over_ranks(reward.mean(1))
     if len(perms) > 1:  # leave-one-out over the K orders: the images' noise cancels
         baseline = reorder.loo_baseline(reward, dim=0)
-    elif args.baseline == "ema":  # the paper's estimator
-        baseline = state["baseline"](reward.mean().item())
+    elif args.baseline == "ema":  # the paper's estimator, over every rank's images
+        baseline = state["baseline"](mean_over_ranks(reward.mean().double()))
     else:  # one order per image, leave-one-out over the images
         baseline = reorder.loo_baseline(reward, dim=1)
     log_prob = policy_update(state["policy"], state["policy_opt"], perms, tau, reward, baseline)
-    per_order = (reward.mean(-1) if reward.dim() > 1 else reward).tolist()
-    add(progress, reward=per_order[0], reward_sq=per_order[0] ** 2,
-        spread=torch.tensor(per_order).std().item() if len(perms) > 1 else 0.0,
-        neg_logp=-log_prob.mean().item(), policy_steps=1)
+    per_order = reward.mean(-1) if reward.dim() > 1 else reward  # [K]
+    add(progress, reward=per_order[0], reward_sq=per_order[0].double() ** 2,
+        spread=per_order.std() if len(perms) > 1 else 0.0, neg_logp=-log_prob.mean(),
+        policy_steps=1)
 
 
 def add(progress, **values):
+    """The epoch's running sums: numbers, or float64 tensors left on the device (no wait)."""
     for k, v in values.items():
+        v = v.detach().double() if torch.is_tensor(v) else v
         progress["sums"][k] = progress["sums"].get(k, 0.0) + v
+
+
+def mean_over_ranks(t):
+    """t averaged over the ranks, in place: each rank's gradients and rewards are of its images."""
+    if WORLD > 1:
+        dist.all_reduce(t)
+        t /= WORLD
+    return t
 
 
 def evaluate(model, loader, perm, device, dtype):
@@ -177,12 +182,14 @@ def epoch_record(progress, args, steps_per_epoch, top1, top5, lr, order_now, sta
     """The epoch's line of metrics.jsonl, from the sums over every rank's images; a value that
     is not finite is written as null (strict JSON)."""
     s, n = progress["sums"], progress["sums"].get("policy_steps", 0)
-    totals = torch.tensor([s["loss"], s["correct"], s["images"]], dtype=torch.float64,
-                          device=device)
+    policy_keys = ("reward", "reward_sq", "neg_logp", "spread")
+    totals = torch.stack([torch.as_tensor(s.get(k, 0.0), dtype=torch.float64, device=device)
+                          for k in ("loss", "correct", "images") + policy_keys])
     if WORLD > 1:
         dist.all_reduce(totals)
-    loss_sum, correct, images = totals.tolist()
-    mean = {k: s[k] / n if n else None for k in ("reward", "reward_sq", "neg_logp", "spread")}
+        totals[3:] /= WORLD  # the policy's numbers: a mean over the ranks
+    loss_sum, correct, images, *policy_sums = totals.tolist()
+    mean = {k: v / n if n else None for k, v in zip(policy_keys, policy_sums)}
     record = {
         "epoch": progress["epoch"],
         "phase": phase(progress["epoch"] * steps_per_epoch, args, steps_per_epoch)[0],
@@ -299,9 +306,10 @@ def claim(args, steps_per_epoch, num_patches):
         raise UsageError(f"checkpoint {last} does not match this run: it was trained with "
                          f"{', '.join(diff[:3]) or 'another layout'}: use the same flags or "
                          f"another --out")
-    p, types = ckpt.get("progress"), dict(epoch=int, done_in_epoch=int, history=list, sums=dict,
+    p, types = ckpt.get("progress"), dict(epoch=int, done_in_epoch=int, history=list, sums=list,
                                           changed=dict)
     if not (isinstance(p, dict) and all(type(p.get(k)) is t for k, t in types.items())
+            and len(p["sums"]) == WORLD and all(isinstance(x, dict) for x in p["sums"])
             and 0 <= p["epoch"] <= args.epochs and len(p["history"]) == p["epoch"] and
             0 <= p["done_in_epoch"] < (steps_per_epoch if p["epoch"] < args.epochs else 1)):
         raise UsageError(f"checkpoint {last} does not fit this run (its progress is no "
@@ -338,9 +346,14 @@ def resume(state, ckpt, args, schedule, device, policy_gen):
 
 
 def checkpoint(state, meta, progress, rng):
-    """Everything --resume needs, in one dict."""
-    return {**{k: v.state_dict() for k, v in state.items()}, **meta, "progress": progress,
-            "rng": rng}
+    """Everything --resume needs, in one dict. The epoch's running sums are each rank's own (of
+    its images), so the checkpoint holds every rank's: [world] dicts."""
+    sums = [{k: float(v) for k, v in progress["sums"].items()}]
+    if WORLD > 1:
+        sums = [None] * WORLD
+        dist.all_gather_object(sums, {k: float(v) for k, v in progress["sums"].items()})
+    return {**{k: v.state_dict() for k, v in state.items()}, **meta,
+            "progress": {**progress, "sums": sums}, "rng": rng}
 
 
 def save(out, ckpt, grid, order_now=None):
@@ -368,7 +381,8 @@ def save(out, ckpt, grid, order_now=None):
 @contextmanager
 def signals_to_flag():
     """Ctrl-C (SIGINT) and SIGTERM (what a scheduler sends before SIGKILL) only set a flag: the
-    loop finishes its step, saves and exits. A second one ends the process at once."""
+    loop finishes its step, saves and exits. A second one ends the process at once (until the
+    state is saved: interrupted() then ignores both, and they stay ignored while it exits)."""
     caught = []
 
     def handler(signum, frame):
@@ -379,7 +393,8 @@ def signals_to_flag():
         yield caught
     finally:
         for s, h in old.items():
-            signal.signal(s, h)
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                signal.signal(s, h)
 
 
 def ignore_signals(worker_id):
@@ -461,7 +476,8 @@ def begin(args, model, train_set, device, steps_per_epoch):
     progress = {"epoch": 0, "done_in_epoch": 0, "history": [], "sums": {}, "changed": {}}
     if ckpt:
         changed = resume(state, ckpt, args, schedule, device, policy_gen)
-        progress = {**ckpt["progress"], "changed": {**ckpt["progress"]["changed"], **changed}}
+        progress = {**ckpt["progress"], "sums": ckpt["progress"]["sums"][RANK],
+                    "changed": {**ckpt["progress"]["changed"], **changed}}
     else:
         write_config(args, model, order_name, steps_per_epoch, prior_table)
     meta = {"start_perm": start_perm.cpu(), "order_name": order_name, "config": vars(args)}
@@ -539,19 +555,19 @@ def train(args):
                 # 2. the classifier's gradients on the first order; the others only scored
                 logits, losses, loss, norm = model_step(net, optimizer, scaler, x, y, perms, dtype,
                                                         args.clip)
-                stop, finite = agree(caught, math.isfinite(loss) and (
-                    math.isfinite(norm) or scaler.is_enabled()), device)  # fp16: the scaler's
+                loss, norm, finite, signum = agree(caught, loss, norm, scaler.is_enabled(),
+                                                   device)  # fp16: the scaler skips inf steps
                 if not finite:
                     raise nan_stop(args, loss, norm, step, epoch, saved, steps_per_epoch)
 
                 # 3. the state before this step gave a finite loss and gradients: write the
                 #    checkpoint asked for now (and at Ctrl-C or SIGTERM, then exit); then step
-                if due or stop:
+                if due or signum:
                     save(args.out, checkpoint(state, meta, progress, rng), grid,
                          current_order() if due == "epoch" else None)
                     saved, due = (epoch, progress["done_in_epoch"]), None
-                if stop:
-                    interrupted(caught[0], args.out, saved, steps_per_epoch)
+                if signum:
+                    interrupted(signum, args.out, saved, steps_per_epoch)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
@@ -561,7 +577,7 @@ def train(args):
                     reinforce(args, state, perms, tau, logits, losses, y, progress)
 
                 # 5. bookkeeping; a checkpoint every --save-every steps
-                add(progress, loss=loss * len(y), correct=(logits[0].argmax(1) == y).sum().item(),
+                add(progress, loss=loss * len(y), correct=(logits[0].argmax(1) == y).sum(),
                     images=len(y), tau=tau, steps=1)
                 progress["done_in_epoch"] += 1
                 bar.set_postfix(loss=f"{loss:.3f}", tau=f"{tau:.3f}")
@@ -590,13 +606,17 @@ def train(args):
             "policy_logits": policy.logits.detach().cpu() if policy is not None else None}
 
 
-def agree(caught, finite, device):
-    """(stop, finite), the same on every rank: a signal or a NaN on one rank stops them all."""
-    if WORLD == 1:
-        return bool(caught), finite
-    flags = torch.tensor([float(bool(caught)), float(not finite)], device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags[0]), not flags[1]
+def agree(caught, loss, norm, fp16, device):
+    """The step's one wait for the device: (this rank's loss and gradient norm, both finite on
+    every rank, the signal any rank caught or 0): a NaN or a signal on one rank stops them all.
+    Under fp16 the gradient scaler skips the steps whose gradients are not finite itself."""
+    bad = ~loss.isfinite() | ~(norm.isfinite() | fp16)
+    signum = torch.full((), float(caught[0] if caught else 0), dtype=torch.float64, device=device)
+    status = torch.stack([loss.double(), norm.double(), bad.double(), signum])
+    if WORLD > 1:
+        dist.all_reduce(status[2:], op=dist.ReduceOp.MAX)
+    loss, norm, bad, signum = status.tolist()
+    return loss, norm, not bad, int(signum)
 
 
 def nan_stop(args, loss, norm, step, epoch, saved, steps_per_epoch):
@@ -610,7 +630,13 @@ def nan_stop(args, loss, norm, step, epoch, saved, steps_per_epoch):
 
 
 def interrupted(signum, out, saved, steps_per_epoch):
-    """After Ctrl-C or SIGTERM, the state saved: one line on where --resume continues."""
+    """After Ctrl-C or SIGTERM to any rank, the state saved: one line on where --resume continues,
+    and every rank ends with status 128 + signum. From here further signals are ignored: no rank
+    ends before the writer has saved, nor is cut short by torchrun's SIGTERM to the last ones."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    if WORLD > 1:
+        dist.barrier()
     if WRITER:
         print(f"train.py: interrupted ({signal.Signals(signum).name}): --resume continues from "
               f"epoch {saved[0]} after {saved[1]} of {steps_per_epoch} steps ({out}/last.pt)",
