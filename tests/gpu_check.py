@@ -118,6 +118,7 @@ def check_training(device, rows):
         flags = ["--mixer", cfg.get("mixer", "window")]
         if "window" in cfg:
             flags += ["--window", str(cfg["window"]).lower()]
+        torch._dynamo.reset()  # each run its own compile budget, as in a process of its own
         with tempfile.TemporaryDirectory() as out:
             t0 = time.time()
             summary = train.main(["--data", "synthetic", "--subset", "512", "--val-subset", "128",

@@ -95,6 +95,23 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path):
     assert torch.equal(eager["order"], compiled["order"])
 
 
+@pytest.mark.slow
+def test_compile_builds_each_kind_of_forward_once(tmp_path, monkeypatch):
+    # one graph per kind: training and no-grad (scoring, validation), for an order per batch
+    # [N] and per image [B, N]; none after the first epoch of a phase. bf16 autocast as on a GPU
+    # (the CPU runs it too); 40 validation images in batches of 16: a short last batch
+    import torch._dynamo
+    torch._dynamo.reset()
+    monkeypatch.setattr(train, "amp_dtype", lambda flag, device: torch.bfloat16)
+    graphs, record = [], train.epoch_record
+    monkeypatch.setattr(train, "epoch_record", lambda *a: (graphs.append(
+        torch._dynamo.utils.counters["stats"]["unique_graphs"]), record(*a))[1])
+    torch._dynamo.utils.counters.clear()
+    run(tmp_path, "--epochs", "5", "--learn-order", "--granularity", "image", "--compile",
+        "--val-subset", "40")  # fixed, learn, learn, finetune, finetune
+    assert graphs == [2, 4, 4, 4, 4]
+
+
 def test_a_saved_order_is_loadable_with_order_path(tmp_path):
     first = run(tmp_path, "--epochs", "1", "--order", "spiral", name="a")
     saved = os.path.join(first["out"], "order.pt")
