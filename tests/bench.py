@@ -21,6 +21,8 @@ policy      the cost of a --learn-order step: the model's part with K orders (on
             share (Gumbel-top-k sample, log-prob, REINFORCE loss and backward, SGD step)
 prior       prior.py's images/s on 1,000 Fashion-MNIST images (synthetic if not installed), 1
             and 2 workers
+loader      train.py's image-folder loader on 512 JPEGs of 500 x 375 (written to a temporary
+            folder): decode and the paper's transform, images/s with 0, 2 and all cores' workers
 A script, not a test: nothing here asserts a time (tests/test_model.py runs --tiny). The main
 process calls data.keep_freed_memory(), as train.py does. Sizes above are the full run's.
 """
@@ -30,6 +32,7 @@ import math
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -337,16 +340,53 @@ def bench_prior(args, device):
           f"{(total[1] - codebook_s) / (total[2] - codebook_s):.2f}x on the scoring stage")
 
 
+def bench_loader(args, device):
+    """train.py's loader on an image folder at the paper's size: JPEGs of ImageNet's most common
+    size (500 x 375, quality 90, smooth content: about ImageNet's bytes per image), written into a
+    temporary folder; decoded, resized to 256, centre-cropped to 224, normalized and flipped
+    (data.image_folder, the paper's transform) by train.make_loader's DataLoader."""
+    from PIL import Image
+    n, size = args.loader_n, (500, 375)
+    with tempfile.TemporaryDirectory() as root:
+        g = torch.Generator().manual_seed(0)
+        kilobytes = 0
+        for i in range(n):  # low-frequency colour fields plus grain: natural-looking JPEG sizes
+            coarse = torch.rand(3, 12, 16, generator=g)
+            field = F.interpolate(coarse[None], size=size[::-1], mode="bicubic")[0]
+            pixels = (field + 0.08 * torch.randn(field.shape, generator=g)).clamp(0, 1)
+            folder = os.path.join(root, "train", f"class{i % 2}")
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, f"{i}.jpg")
+            Image.fromarray((pixels.permute(1, 2, 0) * 255).byte().numpy()).save(path, quality=90)
+            kilobytes += os.path.getsize(path) / 1024
+        dataset = data.build_dataset("folder", root, "train", 224, augment=True)
+        print(f"\n## loader: {n} JPEGs of {size[0]} x {size[1]} ({kilobytes / n:.0f} KB each), "
+              f"decode + resize 256 + crop 224 + normalize + flip, batch {args.loader_batch}; "
+              f"images/s after the first batch (worker start-up apart)")
+        for workers in sorted({0, 2, os.cpu_count() or 1}):
+            flags = argparse.Namespace(workers=workers, batch_size=args.loader_batch, seed=0,
+                                        data="folder")
+            t0 = time.perf_counter()
+            batches = iter(train.make_loader(dataset, flags, device))
+            next(batches)
+            t1 = time.perf_counter()
+            images = sum(len(batch[1]) for batch in batches)
+            rate = images / (time.perf_counter() - t1)
+            print(f"workers {workers:>2}: {rate:>7.1f} images/s ({rate / max(workers, 1):.1f} per "
+                  f"worker), first batch after {t1 - t0:.2f} s")
+
+
 SECTIONS = {"attention": bench_attention, "scan": bench_scan, "recurrence": bench_recurrence,
             "faults": bench_faults, "throughput": bench_throughput, "policy": bench_policy,
-            "prior": bench_prior}
+            "prior": bench_prior, "loader": bench_loader}
 FULL = dict(attention_sizes=[(197, 7), (1024, 64), (4096, 64), (16384, 64)],
             layer_sizes=[196, 1024, 4096], layer_long=[16384], rec_batch=[1, 8, 32],
             rec_len=[64, 256, 1024, 4096], fault_attention=[4096, 16384],
-            fault_scan=[1024, 4096, 16384], images=[(32, 4), (224, 16)])
+            fault_scan=[1024, 4096, 16384], images=[(32, 4), (224, 16)], loader_n=512,
+            loader_batch=64)
 TINY = dict(attention_sizes=[(33, 3), (64, 4)], layer_sizes=[16, 36], layer_long=[], rec_batch=[1, 2],
             rec_len=[8, 32], fault_attention=[64, 256], fault_scan=[16, 64], images=[(16, 4)],
-            dim=16, heads=2, repeats=1, train_batch=2, prior_n=40)
+            dim=16, heads=2, repeats=1, train_batch=2, prior_n=40, loader_n=12, loader_batch=4)
 
 
 def main():
