@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from reorder import ORDERS, check_perm, grid_size, order
+from reorder import ORDERS, ViT, check_perm, grid_size, order, patchify, permute, vit_config
 
 EXACT_4x4 = {
     "row": list(range(16)),
@@ -22,6 +22,15 @@ EXACT_2x3 = {
     "snake": [0, 1, 3, 4, 2, 5],
 }
 
+# 3 x 2 (ids 0 1 / 2 3 / 4 5), taller than wide, also by hand
+EXACT_3x2 = {
+    "row": [0, 1, 2, 3, 4, 5],
+    "column": [0, 2, 4, 1, 3, 5],
+    "spiral": [0, 1, 3, 5, 4, 2],
+    "diagonal": [4, 2, 5, 0, 3, 1],
+    "snake": [0, 1, 2, 4, 3, 5],
+}
+
 
 @pytest.mark.parametrize("name", ORDERS)
 def test_exact_4x4_sequences(name):
@@ -29,8 +38,39 @@ def test_exact_4x4_sequences(name):
 
 
 @pytest.mark.parametrize("name", sorted(EXACT_2x3))
-def test_exact_2x3_sequences(name):
+def test_exact_2x3_and_3x2_sequences(name):
     assert order(name, 2, 3).tolist() == EXACT_2x3[name]
+    assert order(name, 3, 2).tolist() == EXACT_3x2[name]
+
+
+def test_permute_puts_patch_perm_k_at_slot_k():
+    # spiral is not its own inverse: applying argsort(perm) instead of perm would show here
+    perm = order("spiral", 4, 4)
+    assert not torch.equal(perm.argsort(), perm)
+    tokens = torch.arange(16.0)[None, :, None].expand(3, 16, 2)  # token i holds its patch id i
+    assert permute(tokens, perm)[:, :, 0].tolist() == [perm.tolist()] * 3
+    perms = torch.stack([perm, order("diagonal", 4, 4), perm.flip(0)])  # one order per image
+    assert permute(tokens, perms)[:, :, 1].tolist() == perms.tolist()
+
+
+@pytest.mark.parametrize("mixer", ["window", "bimamba"])
+def test_the_model_reads_patch_perm_k_at_slot_k(mixer):
+    # the first block's input: slot k holds patch perm[k]'s embedding (CLS apart), for one order
+    # and for one order per image
+    torch.manual_seed(0)
+    model = ViT(vit_config("tiny", img_size=16, patch_size=4, dim=8, heads=2, depth=1,
+                           mixer=mixer))
+    images = torch.randn(2, 3, 16, 16)
+    patches = model.patch_embed(patchify(images, 4)) + model.pos_embed  # [B, N, D] by patch id
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda block, x: seen.append(x[0]))
+    first = 0 if model.cls_last else 1
+    for perm in (order("spiral", 4, 4), torch.stack([order("hilbert", 4, 4),
+                                                     order("diagonal", 4, 4)])):
+        model(images, perm)
+        rows = perm.expand(2, 16)
+        want = torch.stack([patches[b, rows[b]] for b in range(2)])
+        assert torch.equal(seen[-1][:, first:first + 16], want)
 
 
 @pytest.mark.parametrize("h,w", [(1, 1), (1, 7), (7, 1), (3, 5), (14, 14), (13, 17), (2, 9)])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import prior
+import reorder
 import train
 
 FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
@@ -49,6 +50,21 @@ def test_stripes_compress_best_in_the_order_that_repeats_whole_lines():
         assert horizontal["column"][stream] > horizontal["row"][stream] + gap
         gap = 5 * (vertical["column"][f"{stream}_se"] + vertical["row"][f"{stream}_se"])
         assert vertical["row"][stream] > vertical["column"][stream] + gap
+
+
+def test_codes_are_read_in_the_order_perm_not_its_inverse():
+    # constant patches whose level changes every 8 slots of the spiral (spiral is not its own
+    # inverse): read in spiral order the codes run in 8 runs of 8; in argsort(spiral) they do not
+    spiral = reorder.order("spiral", 8, 8)
+    g = torch.Generator().manual_seed(0)
+    levels = torch.randperm(16, generator=g)[torch.randint(16, (60, 8), generator=g)] / 15.0
+    patches = torch.empty(60, 64)
+    patches[:, spiral] = levels.repeat_interleave(8, dim=1)  # slot k of the spiral: level k // 8
+    images = patches.view(60, 1, 8, 1, 8, 1).expand(60, 1, 8, 4, 8, 4).reshape(60, 1, 32, 32)
+    table = measure(images, codebook=16, orders={"spiral": spiral, "inverse": spiral.argsort()})
+    for stream in ("unigram", "bigram"):
+        gap = 5 * (table["spiral"][f"{stream}_se"] + table["inverse"][f"{stream}_se"])
+        assert table["spiral"][stream] > table["inverse"][stream] + gap, stream
 
 
 def test_constant_images_compress_far_better_than_noise_which_scores_zero():

@@ -151,6 +151,34 @@ def test_default_curriculum_scales_the_papers_epochs():
     assert (a.policy_start, a.policy_epochs) == (1, 1)
 
 
+@pytest.mark.parametrize("granularity", ["batch", "image"])
+def test_each_order_is_rewarded_with_the_cross_entropy_of_the_model_under_it(
+        tmp_path, monkeypatch, granularity):
+    # through the loop: the weights the step started from, each of the K sampled orders (random:
+    # tau up to 100) scored on its own; the policy must get those rewards, each with its order
+    expected, got = [], []
+    real_step, real_update = train.model_step, train.policy_update
+
+    def model_step(model, optimizer, scaler, images, labels, perms, *rest):
+        with torch.no_grad():
+            ce = torch.stack([torch.nn.functional.cross_entropy(model(images, p), labels,
+                                                                reduction="none") for p in perms])
+        expected.append(-(ce.mean(1) if granularity == "batch" else ce))  # [K] or [K, B]
+        return real_step(model, optimizer, scaler, images, labels, perms, *rest)
+
+    def policy_update(policy, policy_opt, perm, tau, reward, baseline):
+        got.append(reward.clone())
+        return real_update(policy, policy_opt, perm, tau, reward, baseline)
+    monkeypatch.setattr(train, "model_step", model_step)
+    monkeypatch.setattr(train, "policy_update", policy_update)
+    run(tmp_path, "--epochs", "3", "--learn-order", "--granularity", granularity,
+        "--orders-per-step", "3", "--depth", "2", "--window", "1", "--tau-max", "100",
+        "--subset", "64")
+    assert len(got) == 4 and len(expected) == 12  # 4 learning steps of 12
+    for want, reward in zip(expected[4:8], got):
+        assert torch.allclose(reward, want, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("baseline", ["loo", "ema"])
 def test_a_training_step_reads_the_device_once(tmp_path, monkeypatch, baseline):
     # on a GPU each read of a tensor's value on the host waits for the queue to drain; a step
