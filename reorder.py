@@ -543,12 +543,13 @@ class Mamba(nn.Module):
         x = self.conv(x.permute(1, 0, 3, 2).reshape(Bsz, n * E, L))[..., :L]  # slot t sees t-3..t
         x = x.view(Bsz, n, E, L).permute(1, 0, 3, 2).contiguous()  # rows of the scan: views
         x = F.silu(x)  # [n, B, L, E]
-        dt, B, C = (x @ self.x_proj[:, None]).split([self.dt_rank, self.d_state, self.d_state], -1)
-        dt = dt @ self.dt_proj[:, None] + self.dt_bias[:, None, None]  # [n, B, L, E]
+        # [n, B L, .]: a batched matmul per core, no copy of the weights per image
+        split = [self.dt_rank, self.d_state, self.d_state]
+        dt, B, C = (x.flatten(1, 2) @ self.x_proj).split(split, -1)
+        dt = dt @ self.dt_proj + self.dt_bias[:, None]  # [n, B L, E], Δ before its softplus
         A = -torch.exp(self.A_log.float())  # [n, E, S]
-        # the cores' rows one after another, [n B, L, .]; dt is Δ before its softplus
-        y = selective_scan(x.flatten(0, 1), dt.flatten(0, 1), A, B.flatten(0, 1), C.flatten(0, 1),
-                           self.D).view(n, Bsz, L, E)  # float32
+        x, dt, B, C = (t.reshape(n * Bsz, L, -1) for t in (x, dt, B, C))  # the cores' rows: views
+        y = selective_scan(x, dt, A, B, C, self.D).view(n, Bsz, L, E)  # float32
         if n == 4:  # each core's outputs back at their tokens, then the mean
             t = self._transpose(y[2] + y[3].flip(1), *self.grid[::-1])  # the w x h grid back
             y = (y[0] + y[1].flip(1) + t) / 4
