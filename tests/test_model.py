@@ -320,7 +320,7 @@ def test_bench_runs_at_tiny_sizes():
                          capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
-    for header in ("## attention", "## Mamba layers", "## the recurrence", "## page faults",
+    for header in ("## attention", "## Mamba layers", "## the selective scan", "## page faults",
                    "## training throughput", "## a --learn-order step", "## prior.py",
                    "## the paper's size"):
         assert header in out.stdout, header
