@@ -546,8 +546,8 @@ class Mamba(nn.Module):
             x = x[None]
         n, E = x.shape[0], x.shape[-1]
         x = self.conv(x.permute(1, 0, 3, 2).reshape(Bsz, n * E, L))[..., :L]  # slot t sees t-3..t
-        x = x.view(Bsz, n, E, L).permute(1, 0, 3, 2).contiguous()  # rows of the scan: views
-        x = F.silu(x)  # [n, B, L, E]
+        # [n, B, L, E] in that layout, so that the scan's rows below are views (no copies kept)
+        x = F.silu(x.view(Bsz, n, E, L).permute(1, 0, 3, 2).contiguous())
         # [n, B L, .]: a batched matmul per core, no copy of the weights per image
         split = [self.dt_rank, self.d_state, self.d_state]
         dt, B, C = (x.flatten(1, 2) @ self.x_proj).split(split, -1)
