@@ -10,13 +10,13 @@ memory. Like the torch path, the forward pass stores the state before every chun
 chunk's states from its start into this program's scratch rows, then runs the gradient recurrence
 g_t = C_t gy_t + a_{t+1} g_{t+1} backwards through it. Sums over rows (dA, dD) and over channels
 (dB, dC) are written per program and added up in torch afterwards: deterministic, no atomics.
-TRITON_INTERPRET=1 (set before this file is imported) runs the kernels on CPU tensors.
+TRITON_INTERPRET=1, set before triton is first imported, runs the kernels on CPU tensors.
 """
 import torch
 import triton
 import triton.language as tl
 
-CHUNK = 16  # slots between stored states: states cost S / CHUNK of x, the scratch CHUNK + 1 of h
+CHUNK = 16  # slots per stored state (they cost S / CHUNK of x); the scratch: CHUNK + 1 states
 BLOCK_E = 32  # channels per program
 
 
