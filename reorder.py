@@ -11,6 +11,7 @@ sequence slot k, so `tokens[:, perm]` reorders a [B, N, D] sequence and `argsort
 patch's slot. The layout follows the paper: orderings (§3), the policy (§5), the model.
 """
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -357,51 +358,137 @@ def window_attention(q, k, v, window: Optional[int], causal: bool = False):
     return banded_attention(q, k, v, window, causal)
 
 
-class _LinearRecurrence(torch.autograd.Function):
-    """h_t = a_t ⊙ h_{t-1} + b_t along dim 1, one slot at a time in place, with its gradient
-    written out: for g_t = dL/dh_t in total, g_t = dL/dh_t (direct) + a_{t+1} g_{t+1}, the same
-    recurrence run backwards; dL/db_t = g_t, dL/da_t = g_t h_{t-1}. On CPU the work is memory-bound
-    and a step costs a few µs, so this beats chunked and parallel (Blelloch) scans at every size
-    tests/bench.py measures; in-place ops on views, not out=, keep torch.compile's graph whole.
-    Keeps a and h for the backward pass."""
+def _scan_chunk(h0, x, dt, A2, B):
+    """The states of a chunk of T slots from the state h0 before it: h0 [..., E, S]; x, Δ
+    [..., T, E]; A2 = A log2(e) [..., 1, E, S]; B [..., T, S] -> a = exp(Δ A), h [..., T, E, S]."""
+    a = torch.exp2(dt[..., None] * A2)  # exp(Δ A), as 2^(Δ A log2 e): twice as fast on CPU
+    h = (dt * x)[..., None] * B[..., None, :]  # b_t = Δ_t B_t x_t, then h_t = b_t + a_t h_{t-1}
+    hs, as_ = h.unbind(-3), a.unbind(-3)  # views, one per slot; in place: no graph per step
+    hs[0].addcmul_(as_[0], h0)
+    for t in range(1, len(hs)):
+        hs[t].addcmul_(as_[t], hs[t - 1])
+    return a, h
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """selective_scan's torch path, on rows [n, R / n, L, .]: chunk by chunk forward, keeping the
+    state before each chunk; backward, chunk by chunk from the last, recomputing the chunk's
+    states from that start. Autograd casts each gradient to its input's dtype."""
 
     @staticmethod
-    def forward(ctx, a, b):
-        h = b.clone(memory_format=torch.contiguous_format)  # h_t = b_t, then += a_t h_{t-1}
-        hs, as_ = h.unbind(1), a.unbind(1)  # views, one per slot
-        for t in range(1, len(hs)):
-            hs[t].addcmul_(as_[t], hs[t - 1])
-        ctx.save_for_backward(a, h)
-        return h
+    def forward(ctx, x, dt, A, B, C, D, chunk):
+        (n, E, S), L = A.shape, x.shape[1]
+        x, dt, B, C = (t.unflatten(0, (n, -1)) for t in (x, dt, B, C))  # views: [n, R / n, L, .]
+        A2, D = A.float()[:, None, None] * math.log2(math.e), D.float()[:, None, None]
+        y = x.new_empty(x.shape, dtype=torch.float32)
+        starts = x.new_empty((*x.shape[:2], -(-L // chunk), E, S), dtype=torch.float32)
+        h = starts.new_zeros(*x.shape[:2], E, S)
+        for c in range(starts.shape[2]):
+            ts = slice(c * chunk, (c + 1) * chunk)
+            starts[:, :, c] = h
+            x_c, dt_c = x[:, :, ts].float(), F.softplus(dt[:, :, ts].float())  # Δ
+            h = _scan_chunk(h, x_c, dt_c, A2, B[:, :, ts].float())[1]  # [n, R / n, T, E, S]
+            y[:, :, ts] = (h * C[:, :, ts, None].float()).sum(-1) + D * x_c  # C_t · h_t + D x_t
+            h = h[:, :, -1]
+        ctx.save_for_backward(x, dt, A, B, C, D, starts)
+        ctx.chunk = chunk
+        return y.flatten(0, 1)
 
     @staticmethod
-    def backward(ctx, grad_h):
-        a, h = ctx.saved_tensors
-        g = grad_h.clone(memory_format=torch.contiguous_format)
-        gs, as_ = g.unbind(1), a.unbind(1)
-        for t in range(len(gs) - 2, -1, -1):
-            gs[t].addcmul_(as_[t + 1], gs[t + 1])
-        grad_a = g.clone()
-        grad_a[:, 0] = 0  # h_{-1} = 0
-        grad_a[:, 1:].mul_(h[:, :-1])
-        return grad_a, g
+    def backward(ctx, grad_y):
+        x, dt_in, A, B, C, D, starts = ctx.saved_tensors
+        A = A.float()[:, None, None]  # [n, 1, 1, E, S]
+        A2, gy = A * math.log2(math.e), grad_y.float().view(x.shape)  # gy [n, R / n, L, E]
+        dx, ddt = torch.empty_like(gy), torch.empty_like(gy)
+        dB, dC = torch.empty_like(B, dtype=torch.float32), torch.empty_like(C, dtype=torch.float32)
+        dA = torch.zeros_like(A)
+        g_next = 0  # a_{t+1} ⊙ g_{t+1} from the chunk after this one
+        for c in reversed(range(starts.shape[2])):
+            ts = slice(c * ctx.chunk, (c + 1) * ctx.chunk)
+            x_c, dt_c, B_c, C_c = (t[:, :, ts].float() for t in (x, dt_in, B, C))
+            gy_c, sig = gy[:, :, ts], torch.sigmoid(dt_c)  # dΔ/ddt = sigmoid(dt)
+            dt_c = F.softplus(dt_c)
+            a, h = _scan_chunk(starts[:, :, c], x_c, dt_c, A2, B_c)  # [n, R / n, T, E, S]
+            g = gy_c[..., None] * C_c[..., None, :]  # then g_t = C_t gy_t + a_{t+1} g_{t+1}
+            gs, as_ = g.unbind(-3), a.unbind(-3)
+            gs[-1].add_(g_next)
+            for t in range(len(gs) - 2, -1, -1):
+                gs[t].addcmul_(as_[t + 1], gs[t + 1])
+            g_next = as_[0] * gs[0]
+            q = a * g  # then q_t = g_t a_t h_{t-1}
+            q[:, :, 1:] *= h[:, :, :-1]
+            q[:, :, 0] *= starts[:, :, c]
+            G = (g * B_c[..., None, :]).sum(-1)  # Σ_s g B  [n, R / n, T, E]
+            dx[:, :, ts] = dt_c * G + D * gy_c
+            ddt[:, :, ts] = ((q * A).sum(-1) + x_c * G) * sig
+            dA += (q * dt_c[..., None]).sum((1, 2), keepdim=True)
+            dB[:, :, ts] = ((dt_c * x_c)[..., None, :] @ g).squeeze(-2)  # Σ_e g Δ x
+            dC[:, :, ts] = (gy_c[..., None, :] @ h).squeeze(-2)  # Σ_e gy h
+        dD = (gy * x.float()).sum((1, 2), keepdim=True)
+        return (dx.flatten(0, 1), ddt.flatten(0, 1), dA.flatten(0, 2), dB.flatten(0, 1),
+                dC.flatten(0, 1), dD.flatten(0, 2), None)
 
 
-def selective_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The linear recurrence h_t = a_t ⊙ h_{t-1} + b_t for t = 0..L-1, from h_{-1} = 0:
-    a, b [B, L, ...] with a in [0, 1] -> h [B, L, ...], differentiable in a and b. Linear in L;
-    only products and sums occur (no division, no log of a decay), so it stays finite for any L."""
-    return _LinearRecurrence.apply(a, b)
+@torch.compiler.disable  # torch.compile runs the kernels as they are: a graph break around them
+def _triton_scan(x, dt, A, B, C, D):
+    """reorder_triton's fused kernels, or None where they cannot run: tensors not on CUDA
+    (TRITON_INTERPRET=1 runs them on CPU ones), no triton, or reorder.py copied alone."""
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    try:
+        import reorder_triton
+    except ImportError:
+        return None
+    return reorder_triton.selective_scan(x, dt, A, B, C, D)
+
+
+def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                   C: torch.Tensor, D: torch.Tensor, backend: str = "auto",
+                   chunk: Optional[int] = None) -> torch.Tensor:
+    """Mamba-1's selective scan over R rows of L slots, E channels and S states each:
+    Δ_t = softplus(dt_t), h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t x_t from h_{-1} = 0, and
+    y_t = C_t · h_t + D x_t (h_t [E, S]: per channel e, a state vector over s).
+
+    x, dt [R, L, E] (dt before its softplus); B, C [R, L, S]; A [E, S], D [E], or for n scan
+    cores A [n, E, S], D [n, E], core k reading rows k R / n to (k + 1) R / n - 1. Returns y
+    [R, L, E] in float32, the math's dtype whatever the inputs' (float32, bfloat16, float16).
+    The states [R, L, E, S] are never kept. The torch path walks the slots in chunks (`chunk`
+    slots; by default enough for about 2^20 state entries, 4 MB, and at least 16), keeps the
+    state before each chunk ([R, L / chunk, E, S]: at most the size of x) and its backward pass
+    recomputes a chunk's states from there. The gradients, with gy = dL/dy, a_t = exp(Δ_t A),
+    g_t = dL/dh_t = C_t gy_t + a_{t+1} ⊙ g_{t+1} (the recurrence run backwards),
+    q_t = g_t ⊙ a_t ⊙ h_{t-1} and G_t = Σ_s g_t B_t, summing over a core's rows:
+        dx_t = Δ_t G_t + D gy_t      dΔ_t = Σ_s q_t A + x_t G_t, ddt_t = dΔ_t sigmoid(dt_t)
+        dA = Σ_rows,t Δ_t q_t        dB_t = Σ_e g_t Δ_t x_t
+        dC_t = Σ_e gy_t h_t          dD = Σ_rows,t gy_t x_t
+    backend: "torch"; "triton", the fused kernels of reorder_triton.py (beside this file); "auto",
+    triton for CUDA tensors where it imports, else torch.
+    """
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"unknown backend {backend!r}: choose auto, torch or triton")
+    if A.dim() == 2:  # one core
+        A, D = A[None], D[None]
+    with torch.autocast(x.device.type, enabled=False):
+        if backend == "triton" or (backend == "auto" and x.is_cuda):
+            y = _triton_scan(x, dt, A, B, C, D)
+            if y is not None:
+                return y
+            if backend == "triton":
+                raise ValueError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), "
+                                 "triton and reorder_triton.py beside reorder.py")
+        return _SelectiveScan.apply(x, dt, A, B, C, D,
+                                    chunk or max(16, 2 ** 20 // x.shape[0] // A[0].numel()))
 
 
 class Mamba(nn.Module):
-    """Mamba-1's selective state-space layer (Gu and Dao, 2023) in plain torch: [B, L, D] -> same.
+    """Mamba-1's selective state-space layer (Gu and Dao, 2023): [B, L, D] -> same. Plain torch,
+    but for selective_scan's fused kernels on CUDA (reorder_triton.py, where it imports).
 
     in_proj to x and a gate z (expand x width each); then per scan core: a causal depthwise conv
     (kernel d_conv) and SiLU on x, x projected to (Δ, B, C) with Δ = softplus(dt_proj(·)) per
     channel, the scan h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t, y_t = C_t · h_t + D x_t
-    (A = -exp(A_log) per channel and state; float32 under autocast too); the cores' mean y,
-    y · SiLU(z), out_proj.
+    (A = -exp(A_log) per channel and state; selective_scan, float32 under autocast too); the
+    cores' mean y, y · SiLU(z), out_proj.
     directions=1 ("mamba"): one core reading the sequence first to last slot. directions=4
     ("bimamba", the paper's released "bimamba v3" layer): cores read the sequence forward, flipped,
     "transposed" (the first h*w tokens, in slot order, laid row by row on the h x w `grid`, the grid
@@ -461,16 +548,15 @@ class Mamba(nn.Module):
             x = x[None]
         n, E = x.shape[0], x.shape[-1]
         x = self.conv(x.permute(1, 0, 3, 2).reshape(Bsz, n * E, L))[..., :L]  # slot t sees t-3..t
-        x = F.silu(x.view(Bsz, n, E, L).permute(1, 0, 3, 2))  # [n, B, L, E]
-        dt, B, C = (x @ self.x_proj[:, None]).split([self.dt_rank, self.d_state, self.d_state], -1)
-        dt = dt @ self.dt_proj[:, None] + self.dt_bias[:, None, None]  # [n, B, L, E]
-        with torch.autocast(x.device.type, enabled=False):  # the scan in float32
-            # dt, x32: [n, B, L, E]; B, C: [n, B, L, S]
-            dt, x32, B, C = F.softplus(dt.float()), x.float(), B.float(), C.float()
-            A = -torch.exp(self.A_log.float())[:, None, None]  # [n, 1, 1, E, S]
-            a, b = torch.exp(dt[..., None] * A), (dt * x32)[..., None] * B[..., None, :]
-            h = selective_scan(a.flatten(0, 1), b.flatten(0, 1)).view_as(a)  # [n, B, L, E, S]
-            y = (h @ C[..., None]).squeeze(-1) + self.D[:, None, None] * x32  # [n, B, L, E]
+        # [n, B, L, E] in that layout, so that the scan's rows below are views (no copies kept)
+        x = F.silu(x.view(Bsz, n, E, L).permute(1, 0, 3, 2).contiguous())
+        # [n, B L, .]: a batched matmul per core, no copy of the weights per image
+        split = [self.dt_rank, self.d_state, self.d_state]
+        dt, B, C = (x.flatten(1, 2) @ self.x_proj).split(split, -1)
+        dt = dt @ self.dt_proj + self.dt_bias[:, None]  # [n, B L, E], Δ before its softplus
+        A = -torch.exp(self.A_log.float())  # [n, E, S]
+        x, dt, B, C = (t.reshape(n * Bsz, L, -1) for t in (x, dt, B, C))  # the cores' rows: views
+        y = selective_scan(x, dt, A, B, C, self.D).view(n, Bsz, L, E)  # float32
         if n == 4:  # each core's outputs back at their tokens, then the mean
             t = self._transpose(y[2] + y[3].flip(1), *self.grid[::-1])  # the w x h grid back
             y = (y[0] + y[1].flip(1) + t) / 4

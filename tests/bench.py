@@ -9,8 +9,9 @@ attention   windowed vs dense masked attention, forward + backward, N = 197 (±7
             process per case)
 scan        the Mamba layers (width 192, d_state 16, batch 1), forward + backward: mamba and
             bimamba at N = 196, 1024, 4096; mamba at 16384; time, peak memory, growth with N
-recurrence  reorder.selective_scan against a plain autograd loop and mambapy's pscan (if
-            installed), forward + backward, E = 192, S = 16, B = 1, 8, 32, L = 64 .. 4096
+recurrence  reorder.selective_scan's torch path against the recurrence slot by slot under
+            autograd (the tests' reference) and, on CUDA, its Triton kernels; forward +
+            backward, E = 192 (--dim), S = 16, (B, L) from (1, 197) to (64, 197), (1, 4096)
 faults      time per 4x tokens without and with data.keep_freed_memory() (each in a fresh
             process, as mallopt cannot be undone): windowed attention 4096 -> 16384, the mamba
             layer 1024 -> 4096 -> 16384
@@ -23,6 +24,9 @@ prior       prior.py's images/s on 1,000 Fashion-MNIST images (synthetic if not 
             and 2 workers
 loader      train.py's image-folder loader on 512 JPEGs of 500 x 375 (written to a temporary
             folder): decode and the paper's transform, images/s with 0, 2 and all cores' workers
+paper       the paper's size (base, 224 px, patch 16, 197 tokens, batch 2) for window ±7,
+            causal, mamba and bimamba: the bytes autograd saves for backward per image and a
+            training step (train.model_step + AdamW), each against window ±7
 A script, not a test: nothing here asserts a time (tests/test_model.py runs --tiny). The main
 process calls data.keep_freed_memory(), as train.py does. Sizes above are the full run's.
 """
@@ -160,34 +164,28 @@ def bench_faults(args, device):
 
 
 def bench_recurrence(args, device):
-    try:
-        from mambapy.pscan import pscan  # measured only, not a dependency
-    except ImportError:
-        pscan = None
-
-    def loop(a, b):  # the plain autograd loop (unbind: its backward is linear in L)
-        h, out = torch.zeros_like(b[:, 0]), []
-        for a_t, b_t in zip(a.unbind(1), b.unbind(1)):
-            h = a_t * h + b_t
-            out.append(h)
-        return torch.stack(out, 1)
-    fns = {"scan": reorder.selective_scan, "loop": loop, **({"pscan": pscan} if pscan else {})}
-    print(f"\n## the recurrence h_t = a_t h_(t-1) + b_t: a, b [B, L, {args.dim}, 16], forward + "
-          f"backward, median of >= 3 alternating runs{'' if pscan else ' (mambapy not installed)'}")
+    from test_scan import scan_inputs, scan_reference  # the slot-by-slot loop of the tests
+    fns = {"torch": lambda *t: reorder.selective_scan(*t, backend="torch"), "loop": scan_reference}
+    if device.type == "cuda":
+        fns["triton"] = lambda *t: reorder.selective_scan(*t, backend="triton")
+    print(f"\n## the selective scan: x, dt [B, L, {args.dim}], S = 16, one core, forward + "
+          f"backward, median of >= 3 alternating runs; torch and triton paths of "
+          f"reorder.selective_scan, and the recurrence slot by slot under autograd (B L <= 8192)")
     print(f"{'B':>3} {'L':>5} | " + " ".join(f"{k + ' ms':>9}" for k in fns) + " | "
-          + " ".join(f"{k + '/scan':>10}" for k in fns if k != "scan"))
-    for batch in args.rec_batch:
-        for n in args.rec_len:
-            g = torch.Generator().manual_seed(0)
-            a = torch.rand(batch, n, args.dim, 16, generator=g).to(device).requires_grad_()
-            b = torch.randn(batch, n, args.dim, 16, generator=g).to(device).requires_grad_()
+          + " ".join(f"{k + '/torch':>12}" for k in fns if k != "torch"))
+    for batch, n in args.rec_sizes:
+        inputs = [t.detach().to(device).requires_grad_()
+                  for t in scan_inputs(batch, n, args.dim, 16, None)]
 
-            def run(fn):
-                return lambda: torch.autograd.grad(fn(a, b).sum(), (a, b))
-            sec = median_times({k: run(fn) for k, fn in fns.items()}, device, 3, budget_s=1.0)
-            print(f"{batch:>3} {n:>5} | " + " ".join(f"{sec[k] * 1e3:>9.1f}" for k in fns) + " | "
-                  + " ".join(f"{sec[k] / sec['scan']:>9.2f}x" for k in fns if k != "scan"))
-            del a, b
+        def run(fn):
+            return lambda: torch.autograd.grad(fn(*inputs).sum(), inputs)
+        cases = {k: run(fn) for k, fn in fns.items() if k != "loop" or batch * n <= 8192}
+        sec = median_times(cases, device, 3, budget_s=1.0)
+        print(f"{batch:>3} {n:>5} | " + " ".join(f"{sec[k] * 1e3:>9.1f}" if k in sec
+                                                 else f"{'-':>9}" for k in fns) + " | "
+              + " ".join(f"{sec[k] / sec['torch']:>11.2f}x" if k in sec else f"{'-':>12}"
+                         for k in fns if k != "torch"))
+        del inputs
 
 
 def bench_attention(args, device):
@@ -274,6 +272,46 @@ def bench_throughput(args, device):
         print(f"{img_size:>6} {patch:>5} {(img_size // patch) ** 2:>6} | "
               + " ".join(f"{ips[name]:>10.1f}" for name in MIXER_CASES) + " | "
               + " ".join(f"{ips[name] / base:.2f}x" for name in MIXER_CASES))
+
+
+def saved_bytes(model, images, labels, perm):
+    """Bytes autograd keeps for the backward pass of one forward: the distinct storages that
+    torch.autograd.graph.saved_tensors_hooks sees packed, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t  # kept alive until backward, so no two saved storages share an address
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(images, perm), labels)
+    del loss
+    return sum(storages.values())
+
+
+def bench_paper(args, device):
+    """The paper's size: memory saved for backward and a training step, per image, per mixer."""
+    dtype = train.amp_dtype("auto", device)
+    img, patch, batch = args.paper_image, args.paper_patch, args.paper_batch
+    print(f"\n## the paper's size: --model {args.paper_model}, {img} px, patch {patch}, "
+          f"{(img // patch) ** 2 + 1} tokens, batch {batch}, "
+          f"{'autocast ' + str(dtype) if dtype else 'float32'}; per image: MB autograd saves for "
+          f"backward, and a training step (median of >= 3 alternating steps)")
+    print(f"{'mixer':>10} | {'saved MB':>9} {'x window':>8} | {'step ms':>9} {'x window':>8}")
+    mem, fns = {}, {}
+    for name in ("window ±7", "causal", "mamba", "bimamba"):
+        model, optimizer, images, labels = setup(args.paper_model, img, patch, batch, device,
+                                                 **MIXER_CASES[name])
+        row = reorder.order("row", *model.grid)
+        with train.autocast(device, dtype):
+            mem[name] = saved_bytes(model, images, labels, row) / batch
+        fns[name] = training_step(model, optimizer, images, labels, [row], dtype)
+    sec = median_times(fns, device, 3, budget_s=1.0)
+    for name in mem:
+        print(f"{name:>10} | {mem[name] / 1e6:>9.1f} {mem[name] / mem['window ±7']:>7.2f}x | "
+              f"{sec[name] / batch * 1e3:>9.1f} {sec[name] / sec['window ±7']:>7.2f}x")
 
 
 def bench_policy(args, device):
@@ -378,15 +416,18 @@ def bench_loader(args, device):
 
 SECTIONS = {"attention": bench_attention, "scan": bench_scan, "recurrence": bench_recurrence,
             "faults": bench_faults, "throughput": bench_throughput, "policy": bench_policy,
-            "prior": bench_prior, "loader": bench_loader}
+            "prior": bench_prior, "loader": bench_loader, "paper": bench_paper}
 FULL = dict(attention_sizes=[(197, 7), (1024, 64), (4096, 64), (16384, 64)],
-            layer_sizes=[196, 1024, 4096], layer_long=[16384], rec_batch=[1, 8, 32],
-            rec_len=[64, 256, 1024, 4096], fault_attention=[4096, 16384],
-            fault_scan=[1024, 4096, 16384], images=[(32, 4), (224, 16)], loader_n=512,
-            loader_batch=64)
-TINY = dict(attention_sizes=[(33, 3), (64, 4)], layer_sizes=[16, 36], layer_long=[], rec_batch=[1, 2],
-            rec_len=[8, 32], fault_attention=[64, 256], fault_scan=[16, 64], images=[(16, 4)],
-            dim=16, heads=2, repeats=1, train_batch=2, prior_n=40, loader_n=12, loader_batch=4)
+            layer_sizes=[196, 1024, 4096], layer_long=[16384],
+            rec_sizes=[(1, 197), (1, 1024), (1, 4096), (8, 197), (8, 1024), (64, 197)],
+            fault_attention=[4096, 16384], fault_scan=[1024, 4096, 16384],
+            images=[(32, 4), (224, 16)], paper_model="base", paper_image=224, paper_patch=16,
+            paper_batch=2, loader_n=512, loader_batch=64)
+TINY = dict(attention_sizes=[(33, 3), (64, 4)], layer_sizes=[16, 36], layer_long=[],
+            rec_sizes=[(1, 8), (2, 32)], fault_attention=[64, 256], fault_scan=[16, 64],
+            images=[(16, 4)], dim=16, heads=2, repeats=1, train_batch=2, prior_n=40,
+            paper_model="tiny", paper_image=32, paper_patch=8, paper_batch=1, loader_n=12,
+            loader_batch=4)
 
 
 def main():
