@@ -339,6 +339,7 @@ def test_bench_runs_at_tiny_sizes():
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     for header in ("## attention", "## Mamba layers", "## the recurrence", "## page faults",
-                   "## training throughput", "## a --learn-order step", "## prior.py"):
+                   "## training throughput", "## a --learn-order step", "## prior.py",
+                   "## --resume's checks"):
         assert header in out.stdout, header
     assert "bimamba" in out.stdout
