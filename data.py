@@ -15,6 +15,8 @@ import os
 import shutil
 import sys
 import tempfile
+import zipfile
+import zlib
 from contextlib import contextmanager, suppress
 
 import torch
@@ -71,34 +73,50 @@ def one_line(e):
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def check_writable(folder):
-    """A UsageError unless a file can be made in `folder`, or, while it does not exist, in the
-    nearest folder above it (where it will be made). Tried with a nameless file: nothing is left."""
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
+def check_writable(path, file=False):
+    """A UsageError unless `path` can be written: a folder in which a file can be made, or
+    (file=True) a file that atomic_path can make or replace. What does not exist yet is checked
+    at the nearest folder above it (where it will be made); a link to nowhere or a loop on the
+    way is refused. Tried with a nameless file: nothing is left."""
+    where = path if file else f"into {path}"
+    if not path:
+        raise UsageError("cannot write into an empty path: name a folder or a file")
+    if file and os.path.exists(path) and not (os.path.islink(path) or os.path.isfile(path)):
+        raise UsageError(f"cannot write {path}: it is a folder, or not a regular file")
+    if file and os.path.lexists(f"{path}.tmp"):
+        raise UsageError(f"cannot write {path}: {path}.tmp is in the way (a killed write's "
+                         f"leftover? remove it)")
+    existing = os.path.abspath(os.path.dirname(path) if file else path)
+    while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise UsageError(f"cannot write into {folder}: {existing} is a file, not a folder")
+        raise UsageError(f"cannot write {where}: {existing} is " + (
+            "a link to nowhere, or a loop" if os.path.islink(existing) else "a file, not a folder"))
     try:
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
-        raise UsageError(f"cannot write into {folder} ({one_line(e)})") from None
+        raise UsageError(f"cannot write {where} ({one_line(e)})") from None
 
 
 @contextmanager
-def atomic_path(path):
-    """A temporary path (path.tmp) renamed onto `path` when the block ends: never a torn file. If
-    the block fails (a full disk, say), path.tmp is removed and `path` kept as it was; an OSError
+def atomic_path(path, mode="wb"):
+    """A new file path.tmp, open in `mode`, renamed onto `path` when the block ends: never a torn
+    file. path.tmp is made with O_EXCL: a link or a file already there (a user's, or a killed
+    write's, which train.py removes under its lock) is neither followed nor overwritten. If the
+    block fails (a full disk, say), path.tmp is removed and `path` kept as it was; an OSError
     becomes one line. (One writer per folder: train.py's lock.)"""
-    tmp = f"{path}.tmp"
+    tmp, made = f"{path}.tmp", False
     try:
-        yield tmp
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), mode) as f:
+            made = True
+            yield f
         os.replace(tmp, path)
     except OSError as e:
         raise UsageError(f"cannot write {path} ({one_line(e)}); the file is as it was") from None
     finally:
-        with suppress(FileNotFoundError):  # renamed already, unless the block failed
-            os.remove(tmp)
+        if made:
+            with suppress(FileNotFoundError):  # renamed already, unless the block failed
+                os.remove(tmp)
 
 
 def atomic_save(obj, path):
@@ -108,7 +126,7 @@ def atomic_save(obj, path):
         buffer = io.BytesIO()
         torch.save(obj, buffer)
         obj = buffer.getvalue()
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path) as f:
         f.write(obj)
 
 
@@ -163,22 +181,40 @@ class SyntheticImages(Dataset):
 
 
 class SafeImageFolder(Dataset):
-    """A torchvision ImageFolder whose images that PIL cannot read, or refuses as too large (a
-    decompression bomb, e.g. a big fMoW tile), are None, with a one-line warning."""
+    """root/<class>/.../<image> listed as torchvision's ImageFolder lists it (the same classes and
+    order), but opening only regular files (a FIFO blocks forever) and following no link to a
+    folder below the class folders (a loop would list a class ~40 times): each entry skipped is
+    named once. An image that PIL cannot read, or refuses as too large (a decompression bomb, e.g.
+    a big fMoW tile), is None, with a one-line warning."""
 
-    def __init__(self, folder):
-        self.folder, self.classes = folder, folder.classes
+    def __init__(self, root, transform):
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+        self.transform, self.samples = transform, []
+        self.classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+        for label, name in enumerate(self.classes):
+            for folder, folders, files in sorted(os.walk(os.path.join(root, name))):
+                linked = [f for f in folders if os.path.islink(os.path.join(folder, f))]
+                images = [f for f in files if f.lower().endswith(IMG_EXTENSIONS)]
+                for f in sorted(linked + images):
+                    path = os.path.join(folder, f)
+                    if f in images and os.path.isfile(path):  # a link to an image is read
+                        self.samples.append((path, label))
+                    else:
+                        why = "a link to a folder" if f in linked else "not a regular file"
+                        print(f"warning: skipping {path} ({why})", file=sys.stderr)
 
     def __len__(self):
-        return len(self.folder)
+        return len(self.samples)
 
     def __getitem__(self, i):
-        from PIL.Image import DecompressionBombError
+        from PIL import Image
+        path, label = self.samples[i]
         try:
-            return self.folder[i]
-        except (OSError, ValueError, DecompressionBombError) as e:  # OSError: unidentified too
-            print(f"warning: skipping unreadable image {self.folder.samples[i][0]} "
-                  f"({type(e).__name__})", file=sys.stderr)
+            with Image.open(path) as image:
+                return self.transform(image.convert("RGB")), label
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # unidentified: OSError
+            print(f"warning: skipping unreadable image {path} ({type(e).__name__})",
+                  file=sys.stderr)
             return None
 
 
@@ -235,11 +271,19 @@ def download(dataset_class, folder, what, advice):
 
 
 def read_idx(path):
-    """A gzipped IDX file (MNIST's: 0, 0, 8 for uint8, ndim, big-endian sizes, data) as a tensor."""
-    with gzip.open(path, "rb") as f:
-        idx = bytearray(f.read())
-    shape = [int.from_bytes(idx[4 + 4 * k:8 + 4 * k], "big") for k in range(idx[3])]
-    return torch.frombuffer(idx, dtype=torch.uint8, offset=4 + 4 * idx[3]).view(shape)
+    """A gzipped IDX file (MNIST's: 0, 0, 8 for uint8, ndim, big-endian sizes, data) as a tensor;
+    anything else (not gzip, truncated, a wrong header or size, no regular file) is one line."""
+    try:
+        if not os.path.isfile(path):
+            raise ValueError("not a regular file")
+        with gzip.open(path, "rb") as f:
+            idx = bytearray(f.read())
+        shape = [int.from_bytes(idx[4 + 4 * k:8 + 4 * k], "big") for k in range(idx[3])]
+        if idx[:3] != b"\0\0\x08" or len(idx) != 4 + 4 * len(shape) + math.prod(shape):
+            raise ValueError("not an IDX file of uint8: its header or its size is wrong")
+        return torch.frombuffer(idx, dtype=torch.uint8, offset=4 + 4 * idx[3]).view(shape)
+    except (OSError, EOFError, ValueError, IndexError, zlib.error) as e:  # BadGzipFile: OSError
+        raise UsageError(f"cannot read {path} ({one_line(e)})") from None
 
 
 def fashion_mnist(root, split, size):
@@ -250,13 +294,18 @@ def fashion_mnist(root, split, size):
     paths = [f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"]
     root = root or (FMNIST_DIR if os.path.isdir(FMNIST_DIR) else "data")
     for folder in (root, os.path.join(root, "FashionMNIST", "raw")):
-        if all(os.path.exists(os.path.join(folder, p)) for p in paths):
+        if all(os.path.lexists(os.path.join(folder, p)) for p in paths):
             break
     else:
         download(FashionMNIST, root, f"Fashion-MNIST ({paths[0]})",
                  "install Debian's dataset-fashion-mnist, or pass --root with its .gz files")
         return fashion_mnist(root, split, size)
     images, labels = (read_idx(os.path.join(folder, p)) for p in paths)
+    if images.shape[1:] != (28, 28) or labels.dim() != 1 or len(labels) != len(images) or (
+            labels > 9).any():
+        raise UsageError(f"{folder}: {paths[0]} and {paths[1]} do not hold n images of 28 x 28 "
+                         f"and their n labels 0..9 (they hold {tuple(images.shape)} and "
+                         f"{tuple(labels.shape)})")
     images = images[:, None]
     if size >= 32:  # the usual 28 -> 32; 28 and below as they are
         p = (32 - images.shape[-1]) // 2
@@ -271,7 +320,12 @@ def cifar10(root, split, size):
     if not os.path.isdir(os.path.join(root, "cifar-10-batches-py")):
         download(CIFAR10, root, "CIFAR-10",
                  "pass --root to a copy, or train offline with --data fashion-mnist")
-    try:
+    try:  # torchvision opens every batch, where a FIFO would block forever
+        batches = [os.path.join(root, CIFAR10.base_folder, name) for name, _ in
+                   CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], 0]]]
+        odd = [path for path in batches if os.path.lexists(path) and not os.path.isfile(path)]
+        if odd:
+            raise ValueError(f"{odd[0]} is not a regular file")
         found = CIFAR10(root, train=split == "train")
     except (RuntimeError, OSError, EOFError, ValueError) as e:  # corrupt or missing batches
         raise UsageError(f"cannot read CIFAR-10 in {root} ({one_line(e)})") from None
@@ -282,18 +336,18 @@ def cifar10(root, split, size):
 def image_folder(root, split, size):
     """root/split/<class>/<image>: resized by the paper's 256 / 224 (scaled to `size`), cropped."""
     from torchvision import transforms as T
-    from torchvision.datasets import ImageFolder
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         raise UsageError(f"data folder {folder} not found: lay out --root as train/<class>/*.jpg "
                          f"and val/<class>/*.jpg")
     transform = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(),
                            T.Normalize(*MEAN_STD["folder"])])
-    try:
-        return SafeImageFolder(ImageFolder(folder, transform=transform))
-    except (FileNotFoundError, RuntimeError) as e:
-        raise UsageError(f"no images in {folder}: expected {folder}/<class>/<image>.jpg "
-                         f"({e})") from None
+    images = SafeImageFolder(folder, transform)
+    empty = sorted(set(images.classes) - {images.classes[label] for _, label in images.samples})
+    if empty or not images.classes:
+        raise UsageError(f"no images in {os.path.join(folder, *empty[:1])}: expected "
+                         f"{folder}/<class>/<image>.jpg")
+    return images
 
 
 # ---- known-answer tasks: the label compares pairs of patches, far apart in row-major order ------
@@ -428,20 +482,43 @@ def save_order(path, perm, grid):
     atomic_save({"perm": perm.cpu(), "grid": list(grid)}, path)
 
 
+def read_torch(path):
+    """torch.load of a file this project wrote, weights_only (a pickle runs no code), with what
+    torch.load skips: a regular file (a FIFO would block), whose zip records all match their
+    CRC-32 (a damaged tensor would load silently); zipfile reads the file once more (about 1.6x
+    torch.load's time: tests/bench.py --only resume). A ValueError says what is wrong."""
+    if not os.path.isfile(path):
+        raise ValueError("not a regular file")
+    with zipfile.ZipFile(path) as archive:
+        damaged = archive.testzip()
+    if damaged:
+        raise ValueError(f"its record {damaged} fails its CRC-32 check")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_order(perm, n):
+    """perm if it is one order of n patches: a LongTensor [n], a permutation of 0..n-1."""
+    if not isinstance(perm, torch.Tensor) or perm.dtype != torch.long or perm.dim() != 1:
+        raise ValueError(f"one order is a LongTensor [{n}], not "
+                         f"{getattr(perm, 'dtype', type(perm).__name__)} "
+                         f"{tuple(getattr(perm, 'shape', ()))}")
+    return reorder.check_perm(perm, n)
+
+
 def load_order(path, grid):
     """A saved order (a run's order.pt, or a LongTensor) of the h x w `grid`, checked where it
-    enters: integers, a permutation of 0..h*w-1, saved for the same grid."""
-    if not os.path.isfile(path):
+    enters: one order of integers, a permutation of 0..h*w-1, saved for the same grid."""
+    if not os.path.lexists(path):
         raise UsageError(f"unknown order {path!r}: give one of {', '.join(reorder.ORDERS)}, "
                          f"random, prior, or the path of a saved order.pt")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = read_torch(path)
         perm = obj["perm"] if isinstance(obj, dict) else obj
         if isinstance(obj, dict) and list(obj.get("grid", grid)) != list(grid):
             raise ValueError(f"it was saved for a {obj['grid'][0]} x {obj['grid'][1]} grid")
         if perm.dtype.is_floating_point or perm.dtype.is_complex or perm.dtype == torch.bool:
             raise ValueError(f"its values are {perm.dtype}, not integers")
-        return reorder.check_perm(perm.long(), grid[0] * grid[1])
+        return check_order(perm.long(), grid[0] * grid[1])
     except Exception as e:
         raise UsageError(f"order file {path} is not an order of {grid[0]} x {grid[1]} patches "
                          f"({one_line(e)})") from None

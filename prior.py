@@ -199,8 +199,7 @@ def main(argv=None):
 
     try:  # every check before loading any data
         h, w = reorder.grid_size(args.img_size, args.patch)
-        folder = os.path.dirname(args.out) or "."
-        data.check_writable(folder)
+        data.check_writable(args.out, file=True)
         orders = {name: reorder.order(name, h, w) for name in reorder.ORDERS}
         for path in args.order_file:  # named by path: two runs' order.pt stay apart
             if path in orders:
@@ -221,8 +220,8 @@ def main(argv=None):
                                     "prior picks none")
         print(f"{table['images']} images x {len(orders)} orderings x 2 streams in {seconds:.1f} s "
               f"({table['images'] / seconds:.0f} images/s, {args.workers} workers)")
-        os.makedirs(folder, exist_ok=True)
-        with data.atomic_path(args.out) as tmp, open(tmp, "w") as f:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with data.atomic_path(args.out, "w") as f:
             json.dump(table, f, indent=1, sort_keys=True)
     except (ValueError, FileNotFoundError) as e:
         print(f"prior.py: error: {e}", file=sys.stderr)

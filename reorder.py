@@ -30,8 +30,13 @@ ORDERS = ("row", "column", "hilbert", "spiral", "diagonal", "snake")
 def grid_size(img_size: Union[int, Tuple[int, int]], patch_size: int) -> Tuple[int, int]:
     """(h, w) patches of an image of `img_size` (int or (H, W)); a one-line ValueError if they
     do not tile it."""
-    H, W = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    if patch_size < 1 or H < patch_size or W < patch_size or H % patch_size or W % patch_size:
+    size = (img_size, img_size) if isinstance(img_size, int) else img_size
+    if not (isinstance(size, (tuple, list)) and len(size) == 2
+            and all(isinstance(n, int) and n > 0 for n in (*size, patch_size))):
+        raise ValueError(f"image size {img_size!r} and patch size {patch_size!r} must be positive "
+                         f"integers (an image size may be (H, W))")
+    H, W = size
+    if H < patch_size or W < patch_size or H % patch_size or W % patch_size:
         raise ValueError(f"image size {H}x{W} is not divisible by patch size {patch_size}: "
                          f"choose an image size that is a multiple of the patch size")
     return H // patch_size, W // patch_size
@@ -253,6 +258,8 @@ def triangle_tau(step: int, steps: int, tau_max: float) -> float:
     """Temperature at `step` of a learning phase of `steps` steps: a triangle 0 -> tau_max -> 0, one
     value per step, never exactly 0 inside the phase (0 outside it). The released code steps it once
     per epoch, so tau barely leaves 0 there; the paper's curriculum means it per step."""
+    if steps < 1:
+        raise ValueError(f"a learning phase has at least one step, got steps={steps}")
     t = (step + 0.5) / steps
     return tau_max * max(0.0, 1 - abs(2 * t - 1)) if 0 < t < 1 else 0.0
 
@@ -666,11 +673,10 @@ class ViT(nn.Module):
         """Class logits [B, classes] of images [B, C, H, W], patches read in order perm [N] or
         [B, N] (None: row-major). Only perm's shape is checked here (no sort, no host sync, no
         graph break): validate orders where they enter, with check_perm."""
-        C, H, W = images.shape[1:]
         p, (h, w) = self.cfg.patch_size, self.grid
-        if (C, H, W) != (self.cfg.in_chans, h * p, w * p):
-            raise ValueError(f"model expects images of {self.cfg.in_chans}x{h * p}x{w * p}, "
-                             f"got {C}x{H}x{W}")
+        if images.dim() != 4 or images.shape[1:] != (self.cfg.in_chans, h * p, w * p):
+            raise ValueError(f"model expects images of {self.cfg.in_chans}x{h * p}x{w * p} (a "
+                             f"batch [B, C, H, W]), got shape {list(images.shape)}")
         x = self.patch_embed(patchify(images, p)) + self.pos_embed  # [B, N, D]
         if perm is not None:
             x = permute(x, check_perm(perm, self.num_patches, len(images), values=False))

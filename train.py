@@ -14,6 +14,7 @@ finishes, the state is saved, and --resume continues from it.
 """
 import argparse
 import dataclasses
+import errno
 import fcntl
 import functools
 import io
@@ -21,9 +22,10 @@ import json
 import math
 import os
 import signal
+import stat
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 
 import torch
 import torch.distributed as dist
@@ -44,6 +46,7 @@ WRITER = RANK == 0
 RESUME_MAY_CHANGE = ("lr", "policy_lr", "weight_decay", "clip", "amp", "device", "compile")
 NO_NUMBER = ("workers", "save_every", "quiet", "resume", "out", "draw_orders")
 WORK = ("last.pt", "best.pt", "metrics.jsonl", "order.pt")  # what a fresh run may not replace
+OUTPUTS = WORK + ("order.png", "config.json", "prior.json")  # each written through name.tmp
 
 # --------------------------------------------------------------------------------------------------
 # Steps: the curriculum, the classifier, the policy, validation
@@ -229,8 +232,8 @@ def check_inputs(args):
     data.check_writable(args.out)
     with usage_errors():  # reorder.py's checks: sizes, window, width against heads
         grid = reorder.grid_size(args.img_size, args.patch)
-    if args.order not in reorder.ORDERS + ("random", "prior"):
-        data.load_order(args.order, grid)  # checked now, loaded when the run starts
+    if args.order not in reorder.ORDERS + ("random", "prior") and not args.resume:
+        data.load_order(args.order, grid)  # checked now, loaded at the start (resumed: last.pt's)
     train_set = data.build_dataset(args.data, args.root, "train", args.img_size, augment=True,
                                    seed=args.seed, subset=args.subset, patch=args.patch)
     val_set = data.build_dataset(args.data, args.root, "val", args.img_size,
@@ -256,42 +259,59 @@ def check_inputs(args):
 def run_folder(out):
     """The run folder, made and locked by rank 0 while the block runs: a POSIX record lock on
     out/train.lock, which the kernel drops when its process ends (SIGKILL too) and forked loader
-    workers do not inherit. The lock file stays: removing it would let two runs lock two files."""
+    workers do not inherit. The lock file stays: removing it would let two runs lock two files.
+    Yields accept(), which writes the pid into the lock and removes what a killed write left
+    (data.atomic_path's name.tmp, by exact name): until the run is accepted, nothing in the
+    folder changes but a lock file made where there was none."""
     if not WRITER:
-        yield
+        yield lambda: None
         return
-    created = not os.path.isdir(out)
+    created, path = not os.path.isdir(out), os.path.join(out, "train.lock")
     os.makedirs(out, exist_ok=True)
-    lock = open(os.path.join(out, "train.lock"), "a+")
+    try:  # never through a link (O_NOFOLLOW), nor into a FIFO, a device or a file with two names
+        lock = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+        if not stat.S_ISREG(os.fstat(lock).st_mode) or os.fstat(lock).st_nlink != 1:
+            os.close(lock)
+            raise OSError("a FIFO, a device, or a file with a second name (a hard link)")
+    except OSError as e:
+        why = "a symbolic link" if e.errno == errno.ELOOP else data.one_line(e)
+        raise UsageError(f"cannot use {path} as this run's lock ({why}): a run writes through no "
+                         f"link and into no file it did not make: choose another --out") from None
     try:
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        lock.seek(0)
-        raise UsageError(f"{out} is in use by process {lock.read().strip() or '?'}, a run writing "
-                         f"there: wait for it to end, or choose another --out") from None
-    lock.truncate(0)
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    for name in os.listdir(out):  # what a write killed mid-way left (data.atomic_path)
-        if name.endswith(".tmp"):
-            os.remove(os.path.join(out, name))
+        pid = os.pread(lock, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(lock)
+        raise UsageError(f"{out} is in use by process {pid}, a run writing there: wait for it "
+                         f"to end, or choose another --out") from None
+
+    def accept():
+        os.ftruncate(lock, 0)
+        os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
+        for name in OUTPUTS:  # what a write killed mid-way left (claim: no folder is in the way)
+            with suppress(FileNotFoundError):
+                os.remove(os.path.join(out, f"{name}.tmp"))
     try:
-        yield
+        yield accept
     finally:
-        lock.close()
+        os.close(lock)
         if created and os.listdir(out) == ["train.lock"]:  # made here, and nothing written
-            os.remove(lock.name)
+            os.remove(path)
             os.rmdir(out)
 
 
 def claim(args, steps_per_epoch, num_patches):
     """Under the lock: the checkpoint --resume continues, checked whole before anything is
     written; or None for a fresh run, in a folder that holds no work to lose."""
-    last = os.path.join(args.out, "last.pt")
-    found = [name for name in WORK if os.path.exists(os.path.join(args.out, name))]
-    error = [f"nothing to resume: {last} does not exist" if args.resume and not os.path.exists(
-        last) else f"{args.out} already holds a run ({', '.join(found)}): pass --resume, or "
-        f"choose another --out" if found and not args.resume else None]
+    at = functools.partial(os.path.join, args.out)
+    last, found = at("last.pt"), [name for name in WORK if os.path.exists(at(name))]
+    in_way = [n for name in OUTPUTS for n in (name, f"{name}.tmp")
+              if os.path.isdir(at(n)) and not os.path.islink(at(n))]
+    error = [f"{at(in_way[0])} is a folder where this run writes a file: move it, or choose "
+             f"another --out" if in_way else f"nothing to resume: {last} does not exist" if
+             args.resume and not os.path.lexists(last) else f"{args.out} already holds a run "
+             f"({', '.join(found)}): pass --resume, or choose another --out" if found and not
+             args.resume else None]
     if WORLD > 1:  # rank 0's view of the folder decides for every rank
         dist.broadcast_object_list(error, src=0)
     if error[0]:
@@ -299,42 +319,92 @@ def claim(args, steps_per_epoch, num_patches):
     if not args.resume:
         return None
     try:
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+        ckpt = data.read_torch(last)
+        check_checkpoint(ckpt, num_patches)
     except Exception as e:
-        raise UsageError(f"checkpoint {last} is unreadable or corrupt ({type(e).__name__}): "
-                         f"train into another --out") from None
-    saved = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
-    diff = [f"--{k.replace('_', '-')} {saved.get(k)} (now {v})" for k, v in vars(args).items()
-            if k not in RESUME_MAY_CHANGE + NO_NUMBER and saved.get(k) != v]
-    if diff or not isinstance(ckpt, dict):
+        raise damaged(last, e) from None
+    diff = [f"--{k.replace('_', '-')} {ckpt['config'].get(k)} (now {v})" for k, v in
+            vars(args).items() if k not in RESUME_MAY_CHANGE + NO_NUMBER and
+            ckpt["config"].get(k) != v]
+    if diff:
         raise UsageError(f"checkpoint {last} does not match this run: it was trained with "
-                         f"{', '.join(diff[:3]) or 'another layout'}: use the same flags or "
-                         f"another --out")
-    p, types = ckpt.get("progress"), dict(epoch=int, done_in_epoch=int, history=list, sums=list,
-                                          changed=dict)
-    if not (isinstance(p, dict) and all(type(p.get(k)) is t for k, t in types.items())
-            and len(p["sums"]) == WORLD and all(isinstance(x, dict) for x in p["sums"])
-            and 0 <= p["epoch"] <= args.epochs and len(p["history"]) == p["epoch"] and
+                         f"{', '.join(diff[:3])}: use the same flags or another --out")
+    p = ckpt["progress"]
+    if not (0 <= p["epoch"] <= args.epochs and len(p["history"]) == p["epoch"] and
+            len(p["sums"]) == WORLD and
             0 <= p["done_in_epoch"] < (steps_per_epoch if p["epoch"] < args.epochs else 1)):
         raise UsageError(f"checkpoint {last} does not fit this run (its progress is no "
                          f"position in {args.epochs} epochs of {steps_per_epoch} steps)")
-    with usage_errors(f"checkpoint {last} does not fit this run", (KeyError, ValueError)):
-        reorder.check_perm(ckpt["start_perm"], num_patches)
     return ckpt
 
 
+def damaged(last, e):
+    """The one line for a last.pt that cannot be resumed as it is."""
+    return UsageError(f"checkpoint {last} is damaged ({data.one_line(e)}): train into another "
+                      f"--out")
+
+
+def check_checkpoint(ckpt, num_patches):
+    """A ValueError naming the first part of a checkpoint that train.py could not use as it is
+    (hand-edited, or damaged where the zip's CRCs cannot see): what is loaded into an object is a
+    dict, what train.py reads itself has its type (and is strict JSON where it is written again),
+    the start order is one order, every floating tensor is finite."""
+    def real(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    parts = ("model", "optimizer", "scheduler", "scaler", "baseline", "rng", "progress", "config")
+    missing = [k for k in parts if not isinstance(ckpt, dict) or not isinstance(ckpt.get(k), dict)]
+    if missing:
+        raise ValueError(f"{missing[0]} is missing, or not a dict")
+    p, baseline = ckpt["progress"], ckpt["baseline"]
+    if not (type(p.get("epoch")) is type(p.get("done_in_epoch")) is int and isinstance(
+            p.get("history"), list) and isinstance(p.get("sums"), list) and isinstance(
+            p.get("changed"), dict)):
+        raise ValueError("progress is not {epoch: int, done_in_epoch: int, history: list, "
+                         "sums: list, changed: dict}")
+    if not all(isinstance(row, dict) and row.get("epoch") == k and (row.get("val_top1", 0) is None
+               or real(row.get("val_top1"))) for k, row in enumerate(p["history"])):
+        raise ValueError("progress.history is not one dict of metrics per epoch")
+    if not all(isinstance(rank, dict) and all(isinstance(k, str) and real(v) for k, v in
+                                              rank.items()) for rank in p["sums"]):
+        raise ValueError("progress.sums is not, for each rank, a dict of names to finite numbers")
+    json.dumps([p, ckpt["config"]], allow_nan=False)  # written again: metrics.jsonl, last.pt
+    data.check_order(ckpt.get("start_perm"), num_patches)
+    if not (real(baseline.get("momentum")) and (baseline.get("value") is None or real(
+            baseline["value"])) and type(ckpt["scheduler"].get("last_epoch")) is int):
+        raise ValueError("the baseline's momentum and value, or the scheduler's step, are no "
+                         "numbers")
+    for name, t in tensors(ckpt):  # a float64 sum: any NaN or inf shows, no float32 overflows
+        if t.is_floating_point() and not t.sum(dtype=torch.float64).isfinite():
+            raise ValueError(f"{name} holds a NaN or an infinity")
+
+
+def tensors(obj, name=""):
+    """(name, tensor) of every tensor in nested dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        yield name, obj
+    for key, value in obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(
+            obj, (list, tuple)) else ():
+        yield from tensors(value, f"{name}.{key}" if name else str(key))
+
+
 def resume(state, ckpt, args, schedule, device, policy_gen):
-    """{flag: [before, after]}: every object loaded from the checkpoint; the flags of
-    RESUME_MAY_CHANGE apply from here on."""
-    with usage_errors(f"checkpoint {args.out}/last.pt does not fit this run",
-                      (KeyError, TypeError, ValueError, RuntimeError, IndexError)):
+    """{flag: [before, after]}: every object loaded from the checkpoint (a part that does not
+    load, or loads with a tensor of the wrong shape, is damage); the flags of RESUME_MAY_CHANGE
+    apply from here on."""
+    try:
         for name, obj in state.items():
             if name != "scaler" or ckpt[name]:  # a run without fp16 saved no scaler
                 obj.load_state_dict(ckpt[name])
+        for opt in (state[k] for k in ("optimizer", "policy_opt") if k in state):
+            if any(v.dim() and v.shape != p.shape for p, s in opt.state.items()
+                   for v in s.values() if isinstance(v, torch.Tensor)):
+                raise ValueError("an optimizer's state does not have its parameter's shape")
         torch.set_rng_state(ckpt["rng"]["cpu"])
         policy_gen.set_state(ckpt["rng"]["policy"])
         if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    except Exception as e:
+        raise damaged(os.path.join(args.out, "last.pt"), e) from None
     state["scheduler"].base_lrs = [args.lr]
     for g in state["optimizer"].param_groups:
         g.update(lr=args.lr * schedule(state["scheduler"].last_epoch),
@@ -374,11 +444,11 @@ def save(out, ckpt, grid, order_now=None):
         tops = [-1 if line["val_top1"] is None else line["val_top1"] for line in history]
         if tops.index(max(tops)) == len(tops) - 1:
             data.atomic_save(buffer.getvalue(), os.path.join(out, "best.pt"))
-        with data.atomic_path(os.path.join(out, "metrics.jsonl")) as tmp, open(tmp, "w") as f:
+        with data.atomic_path(os.path.join(out, "metrics.jsonl"), "w") as f:
             f.writelines(json.dumps(line) + "\n" for line in history)
         data.save_order(os.path.join(out, "order.pt"), order_now, grid)
-        with data.atomic_path(os.path.join(out, "order.png")) as tmp:
-            data.draw_orders(tmp, grid, {f"epoch {len(history) - 1}": order_now.cpu()})
+        with data.atomic_path(os.path.join(out, "order.png")) as f:
+            data.draw_orders(f, grid, {f"epoch {len(history) - 1}": order_now.cpu()})
     data.atomic_save(buffer.getvalue(), os.path.join(out, "last.pt"))
 
 
@@ -459,10 +529,14 @@ def make_loader(dataset, args, device, shuffle=True, epoch=0, skip=0):
                       collate_fn=data.collate_skipping_none, worker_init_fn=ignore_signals)
 
 
-def begin(args, model, train_set, device, steps_per_epoch):
+def begin(args, model, train_set, device, steps_per_epoch, accept):
     """Under the lock: (state, progress, meta, policy generator, resumed). The state holds every
-    object a checkpoint restores, by name; meta, what it keeps besides (start order, flags)."""
+    object a checkpoint restores, by name; meta, what it keeps besides (start order, flags).
+    accept() (run_folder's) once the folder holds no work (a fresh run), or once the checkpoint
+    is loaded into every object (--resume): before, nothing is written."""
     ckpt = claim(args, steps_per_epoch, model.num_patches)  # what --resume continues, or None
+    if ckpt is None:
+        accept()
     start_perm, order_name, prior_table = (ckpt["start_perm"], ckpt.get("order_name"), None) \
         if ckpt else initial_order(args, model.grid, train_set)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -480,6 +554,7 @@ def begin(args, model, train_set, device, steps_per_epoch):
     progress = {"epoch": 0, "done_in_epoch": 0, "history": [], "sums": {}, "changed": {}}
     if ckpt:
         changed = resume(state, ckpt, args, schedule, device, policy_gen)
+        accept()
         progress = {**ckpt["progress"], "sums": ckpt["progress"]["sums"][RANK],
                     "changed": {**ckpt["progress"]["changed"], **changed}}
     else:
@@ -501,7 +576,7 @@ def write_config(args, model, order_name, steps_per_epoch, prior_table):
               "steps_per_epoch": steps_per_epoch}
     for name, content in (("config.json", config), ("prior.json", prior_table)):
         if content and WRITER:
-            with data.atomic_path(os.path.join(args.out, name)) as tmp, open(tmp, "w") as f:
+            with data.atomic_path(os.path.join(args.out, name), "w") as f:
                 json.dump(content, f, indent=1)
 
 
@@ -517,9 +592,9 @@ def train(args):
     grid, model, dtype = model.grid, model.to(device), amp_dtype(args.amp, device)
     val_loader = make_loader(val_set, args, device, shuffle=False)
     steps_per_epoch = len(make_loader(train_set, args, device))
-    with run_folder(args.out), signals_to_flag() as caught:
+    with run_folder(args.out) as accept, signals_to_flag() as caught:
         state, progress, meta, policy_gen, resumed = begin(args, model, train_set, device,
-                                                           steps_per_epoch)
+                                                           steps_per_epoch, accept)
         optimizer, scheduler, scaler, policy = map(state.get, ("optimizer", "scheduler", "scaler",
                                                                "policy"))
         start_perm = meta["start_perm"].to(device)
@@ -723,9 +798,9 @@ def parse_args(argv=None):
         args.policy_epochs = max(1, min(round(0.30 * args.epochs), room))
     if args.warmup_epochs is None:
         args.warmup_epochs = round(0.05 * args.epochs)
-    args.out = args.out or os.path.join("runs", "-".join(
+    args.out = args.out if args.out is not None else os.path.join("runs", "-".join(
         [args.data, args.order.replace(os.sep, "_")] + [args.mixer] * (args.mixer != "window")
-        + ["learn"] * args.learn_order + [f"s{args.seed}"]))
+        + ["learn"] * args.learn_order + [f"s{args.seed}"]))  # "": check_writable refuses it
     args.world = WORLD
     if args.fixed_tau and not args.learn_order:
         e("--fixed-tau samples orders from the policy: it needs --learn-order")
@@ -751,10 +826,13 @@ def main(argv=None):
             grid = reorder.grid_size(args.img_size, args.patch)
         orders = {name: reorder.order(name, *grid) for name in reorder.ORDERS}
         orders[f"random (seed {args.seed})"] = reorder.order("random", *grid, seed=args.seed)
-        if os.path.isfile(args.order):
+        if args.order not in reorder.ORDERS + ("random", "prior"):  # a file: checked, drawn
             orders[os.path.basename(os.path.dirname(os.path.abspath(args.order))) or args.order] = \
                 data.load_order(args.order, grid)
-        data.draw_orders(args.draw_orders, grid, orders)
+        data.check_writable(args.draw_orders, file=True)
+        os.makedirs(os.path.dirname(args.draw_orders) or ".", exist_ok=True)
+        with data.atomic_path(args.draw_orders) as f:
+            data.draw_orders(f, grid, orders)
         print(f"wrote {args.draw_orders}: {', '.join(orders)} on {grid[0]} x {grid[1]} patches")
         return {"out": args.draw_orders}
     except UsageError as e:

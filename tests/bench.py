@@ -27,6 +27,8 @@ loader      train.py's image-folder loader on 512 JPEGs of 500 x 375 (written to
 paper       the paper's size (base, 224 px, patch 16, 197 tokens, batch 2) for window ±7,
             causal, mamba and bimamba: the bytes autograd saves for backward per image and a
             training step (train.model_step + AdamW), each against window ±7
+resume      what --resume adds to torch.load of a 1 GiB last.pt (a Base model with AdamW): the
+            zip's CRC-32 check (data.read_torch) and the finite check (train.check_checkpoint)
 A script, not a test: nothing here asserts a time (tests/test_model.py runs --tiny). The main
 process calls data.keep_freed_memory(), as train.py does. Sizes above are the full run's.
 """
@@ -414,20 +416,42 @@ def bench_loader(args, device):
                   f"worker), first batch after {t1 - t0:.2f} s")
 
 
+def bench_resume(args, device):
+    import zipfile
+    ckpt = {"model": {f"w{i}": torch.randn(1024, 256) for i in range(args.ckpt_mib)}}
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "last.pt")
+        torch.save(ckpt, path)
+        times = {"torch.load": [], "CRC-32 (zipfile)": [], "finite (float64 sums)": []}
+        for _ in range(3):
+            for name, fn in (("torch.load", lambda: torch.load(path, weights_only=True)),
+                             ("CRC-32 (zipfile)", lambda: zipfile.ZipFile(path).testzip()),
+                             ("finite (float64 sums)", lambda: [t.sum(dtype=torch.float64)
+                                                                for _, t in train.tensors(ckpt)])):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    load = min(times["torch.load"])
+    print(f"\n## --resume's checks of a {args.ckpt_mib} MiB last.pt, best of 3")
+    for name, t in times.items():
+        print(f"{name:<22} {min(t):.2f} s ({min(t) / load:.2f}x torch.load)")
+
+
 SECTIONS = {"attention": bench_attention, "scan": bench_scan, "recurrence": bench_recurrence,
             "faults": bench_faults, "throughput": bench_throughput, "policy": bench_policy,
-            "prior": bench_prior, "loader": bench_loader, "paper": bench_paper}
+            "prior": bench_prior, "loader": bench_loader, "paper": bench_paper,
+            "resume": bench_resume}
 FULL = dict(attention_sizes=[(197, 7), (1024, 64), (4096, 64), (16384, 64)],
             layer_sizes=[196, 1024, 4096], layer_long=[16384],
             rec_sizes=[(1, 197), (1, 1024), (1, 4096), (8, 197), (8, 1024), (64, 197)],
             fault_attention=[4096, 16384], fault_scan=[1024, 4096, 16384],
             images=[(32, 4), (224, 16)], paper_model="base", paper_image=224, paper_patch=16,
-            paper_batch=2, loader_n=512, loader_batch=64)
+            paper_batch=2, loader_n=512, loader_batch=64, ckpt_mib=1024)
 TINY = dict(attention_sizes=[(33, 3), (64, 4)], layer_sizes=[16, 36], layer_long=[],
             rec_sizes=[(1, 8), (2, 32)], fault_attention=[64, 256], fault_scan=[16, 64],
             images=[(16, 4)], dim=16, heads=2, repeats=1, train_batch=2, prior_n=40,
             paper_model="tiny", paper_image=32, paper_patch=8, paper_batch=1, loader_n=12,
-            loader_batch=4)
+            loader_batch=4, ckpt_mib=4)
 
 
 def main():

@@ -322,6 +322,6 @@ def test_bench_runs_at_tiny_sizes():
     assert out.returncode == 0, out.stderr[-3000:]
     for header in ("## attention", "## Mamba layers", "## the selective scan", "## page faults",
                    "## training throughput", "## a --learn-order step", "## prior.py",
-                   "## the paper's size", "## loader"):
+                   "## the paper's size", "## loader", "## --resume's checks"):
         assert header in out.stdout, header
     assert "bimamba" in out.stdout

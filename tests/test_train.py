@@ -435,7 +435,7 @@ def test_corrupt_mismatched_and_existing_checkpoints(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "last.pt").write_bytes(b"\x00garbage")
-    fails(capsys, [*TINY, "--out", str(out), "--resume"], "is unreadable or corrupt")
+    fails(capsys, [*TINY, "--out", str(out), "--resume"], "is damaged (BadZipFile")
     assert (out / "last.pt").read_bytes() == b"\x00garbage"
 
     run(tmp_path, "--epochs", "1", name="good")
@@ -447,18 +447,19 @@ def test_corrupt_mismatched_and_existing_checkpoints(tmp_path, capsys):
     assert (tmp_path / "good" / "last.pt").read_bytes() == before
 
 
-EDITS = {  # a hand-edited last.pt, one epoch of two done
-    "no scheduler": lambda c: c.pop("scheduler"),
-    "no start_perm": lambda c: c.pop("start_perm"),
-    "no rng": lambda c: c.pop("rng"),
-    "no progress": lambda c: c.pop("progress"),
-    "pos_embed's shape": lambda c: c["model"].update(pos_embed=torch.zeros(1, 3, 32)),
+EDITS = {  # a hand-edited last.pt, one epoch of two done (more in test_hostile.EDITS)
+    "no scheduler": (lambda c: c.pop("scheduler"), "is damaged (ValueError: scheduler is missing"),
+    "no start_perm": (lambda c: c.pop("start_perm"), "is damaged (ValueError: one order is a"),
+    "no rng": (lambda c: c.pop("rng"), "is damaged (ValueError: rng is missing"),
+    "no progress": (lambda c: c.pop("progress"), "is damaged (ValueError: progress is missing"),
+    "pos_embed's shape": (lambda c: c["model"].update(pos_embed=torch.zeros(1, 3, 32)),
+                          "is damaged (RuntimeError: Error(s) in loading state_dict for ViT"),
     # issue 17, defect 9: tracebacks, one of them after best.pt and metrics.jsonl were rewritten
-    "epoch as text": lambda c: c["progress"].update(epoch="1"),
-    "epoch past the end": lambda c: c["progress"].update(epoch=3),
-    "step too far": lambda c: c["progress"].update(done_in_epoch=8),
-    "step negative": lambda c: c["progress"].update(done_in_epoch=-1),
-    "history short": lambda c: c["progress"].update(history=[]),
+    "epoch as text": (lambda c: c["progress"].update(epoch="1"), "is damaged (ValueError: progr"),
+    "epoch past the end": (lambda c: c["progress"].update(epoch=3), "does not fit this run"),
+    "step too far": (lambda c: c["progress"].update(done_in_epoch=8), "does not fit this run"),
+    "step negative": (lambda c: c["progress"].update(done_in_epoch=-1), "does not fit this run"),
+    "history short": (lambda c: c["progress"].update(history=[]), "does not fit this run"),
 }
 
 
@@ -469,11 +470,11 @@ def test_a_hand_edited_checkpoint_is_one_line_and_nothing_is_written(tmp_path, c
     ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=True)
     ckpt = torch.load(last, weights_only=True) if ckpt["progress"]["epoch"] != 1 else ckpt
     ckpt["progress"].update(epoch=1, done_in_epoch=0, history=ckpt["progress"]["history"][:1])
-    EDITS[edit](ckpt)
+    EDITS[edit][0](ckpt)
     torch.save(ckpt, last)
     before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
     fails(capsys, [*TINY, "--epochs", "2", "--save-every", "2", "--out", out, "--resume"],
-          "does not fit this run")
+          EDITS[edit][1])
     assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before
 
 
@@ -494,7 +495,7 @@ def test_a_folder_holding_any_run_output_is_refused_and_no_advice_loses_work(tmp
     kept = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
     with open(os.path.join(out, "last.pt"), "r+b") as f:  # last.pt torn, ...
         f.truncate(100)
-    err = fails(capsys, [*TINY, "--epochs", "1", "--out", out, "--resume"], "unreadable or corrupt")
+    err = fails(capsys, [*TINY, "--epochs", "1", "--out", out, "--resume"], "is damaged")
     assert "delete" not in err and "another --out" in err
     os.remove(os.path.join(out, "last.pt"))  # ... then removed by hand, then a new run there
     err = fails(capsys, [*TINY, "--epochs", "1", "--seed", "1", "--out", out],
@@ -559,13 +560,13 @@ def kill_at_write(monkeypatch, name, nth):
     real, count = data.atomic_path, []
 
     @contextmanager
-    def dying(path):
+    def dying(path, *mode):
         if os.path.basename(path) == name:
             count.append(1)
             if len(count) == nth:
                 raise Killed
-        with real(path) as tmp:
-            yield tmp
+        with real(path, *mode) as f:
+            yield f
     monkeypatch.setattr(data, "atomic_path", dying)
 
 

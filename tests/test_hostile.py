@@ -1,0 +1,423 @@
+"""Hostile files and folders (issue 26): one line and exit status 2, nothing written outside the
+run folder, no file of the user's deleted or overwritten, a damaged checkpoint named as damaged."""
+import gzip
+import json
+import os
+import signal
+import struct
+import zipfile
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import prior
+import reorder
+import train
+
+TINY = ["--data", "synthetic", "--subset", "128", "--val-subset", "64", "--batch-size", "16",
+        "--img-size", "16", "--patch", "4", "--depth", "1", "--dim", "32", "--heads", "2",
+        "--quiet", "--epochs", "2", "--save-every", "2"]
+PRIOR = ["--data", "synthetic", "--n", "8", "--img-size", "16", "--patch", "4", "--workers", "1",
+         "--codebook", "4"]
+
+
+def fails(capsys, main, argv, message):
+    """main(argv) ends with exit status 2 and one line on stderr holding `message`."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    return err
+
+
+def snapshot(folder):
+    """Every entry under folder, links not followed: {path: bytes, link target or "folder"}."""
+    entries = {}
+    for parent, folders, files in os.walk(folder):
+        for name in folders + files:
+            path = os.path.join(parent, name)
+            entries[os.path.relpath(path, folder)] = (
+                "-> " + os.readlink(path) if os.path.islink(path) else "folder" if
+                os.path.isdir(path) else "fifo" if not os.path.isfile(path) else
+                open(path, "rb").read())
+    return entries
+
+
+def half_done(tmp_path, name="run"):
+    """A run folder whose last.pt is 1 of 2 epochs done (what --resume continues), and a pid in
+    train.lock that no run of this process writes (a lock written too early would show)."""
+    out = str(tmp_path / name)
+    train.main([*TINY, "--out", out])
+    ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=True)
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True) \
+        if ckpt["progress"]["epoch"] != 1 else ckpt
+    ckpt["progress"].update(epoch=1, done_in_epoch=0, history=ckpt["progress"]["history"][:1])
+    torch.save(ckpt, os.path.join(out, "last.pt"))
+    with open(os.path.join(out, "train.lock"), "w") as f:
+        f.write("999999\n")
+    return out
+
+
+def bypasses_permissions(tmp_path):
+    """True where this process reads a file of mode 000 (root with CAP_DAC_OVERRIDE)."""
+    path = tmp_path / "mode000"
+    path.write_text("")
+    path.chmod(0)
+    try:
+        open(path).close()
+        return True
+    except PermissionError:
+        return False
+    finally:
+        path.unlink()
+
+
+# ---- 1. nothing is written through a link, nor into a file the run did not make -----------------
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "hard link", "fifo", "folder"])
+def test_a_lock_that_is_no_file_of_ours_is_one_line_and_what_it_points_to_is_untouched(
+        tmp_path, capsys, kind):
+    out, victim = tmp_path / "run", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("the user's file\n")
+    lock = out / "train.lock"
+    {"symlink": lambda: lock.symlink_to(victim), "hard link": lambda: os.link(victim, lock),
+     "dangling symlink": lambda: lock.symlink_to(tmp_path / "made-through-the-link"),
+     "fifo": lambda: os.mkfifo(lock), "folder": lock.mkdir}[kind]()
+    before = snapshot(tmp_path)
+    with deadline(60):  # a FIFO opened for reading only would block
+        fails(capsys, train.main, [*TINY, "--out", str(out)], "as this run's lock")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_lock_that_cannot_be_opened_is_one_line(tmp_path, capsys):
+    if bypasses_permissions(tmp_path):
+        pytest.skip("this process bypasses file permissions (root): a lock of mode 000 opens; "
+                    "the folder case of the test above takes the same path")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train.lock").write_text("4321\n")
+    (out / "train.lock").chmod(0o444)
+    before = snapshot(tmp_path)
+    fails(capsys, train.main, [*TINY, "--out", str(out)], "(PermissionError")
+    assert snapshot(tmp_path) == before
+
+
+def test_links_at_every_output_name_are_replaced_never_written_through(tmp_path, capsys):
+    out = half_done(tmp_path)
+    victims = {}
+    for name in train.OUTPUTS:
+        for planted in (f"{name}.tmp",) + ((name,) if name in ("order.png", "config.json")
+                                           else ()):
+            victim = tmp_path / f"victim-{planted}"
+            victim.write_text(planted)
+            if os.path.lexists(os.path.join(out, planted)):
+                os.remove(os.path.join(out, planted))
+            os.symlink(victim, os.path.join(out, planted))
+            victims[victim] = planted
+    train.main([*TINY, "--out", out, "--resume"])
+    assert all(victim.read_text() == text for victim, text in victims.items())
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+    assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 2
+
+
+# ---- 2. only the run's own leftovers are removed, by exact name, once the run is accepted --------
+
+def test_a_users_tmp_files_survive_and_ours_go_only_once_the_run_is_accepted(tmp_path, capsys):
+    out = half_done(tmp_path)
+    for name, content in (("download.tmp", "mine"), ("last.pt.tmp", "a killed write's")):
+        with open(os.path.join(out, name), "w") as f:
+            f.write(content)
+    os.makedirs(os.path.join(out, "something.tmp", "inside"))
+    before = snapshot(out)
+    fails(capsys, train.main, [*TINY, "--out", out], "already holds a run")  # refused: untouched
+    fails(capsys, train.main, [*TINY, "--out", out, "--resume", "--seed", "1"],
+          "does not match this run")
+    assert snapshot(out) == before
+    train.main([*TINY, "--out", out, "--resume"])  # accepted: only last.pt.tmp goes
+    after = snapshot(out)
+    assert "last.pt.tmp" not in after and after["download.tmp"] == b"mine"
+    assert after["something.tmp"] == after["something.tmp/inside"] == "folder"
+
+
+@pytest.mark.parametrize("name", ["last.pt.tmp", "order.png", "metrics.jsonl.tmp"])
+def test_a_folder_where_the_run_writes_a_file_is_one_line_before_any_work(tmp_path, capsys, name):
+    out = half_done(tmp_path)
+    if os.path.exists(os.path.join(out, name)):
+        os.remove(os.path.join(out, name))
+    os.mkdir(os.path.join(out, name))
+    before = snapshot(out)
+    fails(capsys, train.main, [*TINY, "--out", out, "--resume"], f"{name} is a folder where")
+    assert snapshot(out) == before
+
+
+# ---- 3. a damaged checkpoint is named as damaged ------------------------------------------------
+
+def damage_a_tensor(path):
+    """Four bytes overwritten in the middle of the largest tensor record of a torch zip file."""
+    with zipfile.ZipFile(path) as archive:
+        record = max((i for i in archive.infolist() if "/data/" in i.filename),
+                     key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(record.header_offset + 26)
+        name, extra = struct.unpack("<HH", f.read(4))
+        f.seek(record.header_offset + 30 + name + extra + record.file_size // 2)
+        f.write(b"\xff\xff\xff\x7f")
+
+
+def test_a_checkpoint_whose_crc_fails_is_named_damaged_and_nothing_is_written(tmp_path, capsys):
+    out = half_done(tmp_path)
+    damage_a_tensor(os.path.join(out, "last.pt"))
+    torch.load(os.path.join(out, "last.pt"), weights_only=True)  # torch.load does not notice
+    before = snapshot(out)
+    err = fails(capsys, train.main, [*TINY, "--out", out, "--resume"], "last.pt is damaged")
+    assert "/data/" in err and "fails its CRC-32 check" in err
+    assert snapshot(out) == before
+
+
+# ---- 4. a hand-edited checkpoint: one line, nothing written (see also test_train.EDITS) ----------
+
+EDITS = {  # the issue's five, then other fields train.py reads or loads
+    "history [5]": (lambda c: c["progress"].update(history=[5]), "progress.history is not"),
+    "no val_top1 in a row": (lambda c: c["progress"]["history"][0].pop("val_top1"),
+                             "progress.history is not"),
+    "a tensor in a history row": (lambda c: c["progress"]["history"][0].update(
+        train_loss=torch.tensor(1.0)), "Tensor is not JSON serializable"),
+    "a non-number in sums": (lambda c: c["progress"]["sums"][0].update(loss="x"), "progress.sums"),
+    "config a list": (lambda c: c.update(config=[]), "config is missing, or not a dict"),
+    "start_perm 2-D": (lambda c: c.update(start_perm=c["start_perm"][None]), "(1, 16)"),
+    "a NaN weight": (lambda c: c["model"]["head.bias"].fill_(float("nan")), "model.head.bias"),
+    "an infinite sum": (lambda c: c["progress"]["sums"][0].update(loss=float("inf")),
+                        "progress.sums"),
+    "sums of two ranks": (lambda c: c["progress"]["sums"].append({}), "does not fit this run"),
+    "Adam's moment of the wrong shape": (lambda c: c["optimizer"]["state"][0].update(
+        exp_avg=torch.zeros(3)), "does not have its parameter's shape"),
+    "the baseline's value text": (lambda c: c["baseline"].update(value="x"), "are no numbers"),
+    "the scheduler's step a float": (lambda c: c["scheduler"].update(last_epoch=3.5),
+                                     "are no numbers"),
+    "a float RNG state": (lambda c: c["rng"].update(cpu=torch.zeros(5)), "RNG state must be"),
+    "changed a list": (lambda c: c["progress"].update(changed=[]), "progress is not"),
+    "the checkpoint a list": (lambda c: [c], "model is missing, or not a dict"),
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_a_hand_edited_checkpoint_is_damaged_and_nothing_is_written(tmp_path, capsys, edit):
+    out = half_done(tmp_path)
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    change, message = EDITS[edit]
+    edited = change(ckpt)
+    ckpt = edited if isinstance(edited, list) else ckpt
+    torch.save(ckpt, os.path.join(out, "last.pt"))
+    before = snapshot(out)
+    err = fails(capsys, train.main, [*TINY, "--out", out, "--resume"], message)
+    assert "is damaged" in err and snapshot(out) == before
+
+
+# ---- 5. an order file holds one order -----------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(1, 16), (2, 16)])
+def test_an_order_file_of_several_orders_is_one_line_everywhere_it_enters(tmp_path, capsys, shape):
+    path = str(tmp_path / "orders.pt")
+    torch.save(torch.arange(16).expand(*shape).clone(), path)
+    message = f"one order is a LongTensor [16], not torch.int64 {shape}"
+    for main, argv in [
+            (train.main, [*TINY, "--order", path, "--out", str(tmp_path / "run")]),
+            (train.main, [*TINY, "--order", path, "--learn-order", "--out", str(tmp_path / "r")]),
+            (train.main, ["--draw-orders", str(tmp_path / "d.png"), "--img-size", "16",
+                          "--patch", "4", "--order", path]),
+            (prior.main, [*PRIOR, "--order-file", path, "--out", str(tmp_path / "p.json")])]:
+        fails(capsys, main, argv, message)
+    assert sorted(os.listdir(tmp_path)) == ["orders.pt"]
+
+
+# ---- 6. paths -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def odd_paths(tmp_path):
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    (tmp_path / "afile").write_text("a file")
+    (tmp_path / "folder").mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize("out,message", [
+    ("dangling", "dangling is a link to nowhere, or a loop"),
+    ("loop", "loop is a link to nowhere, or a loop"),
+    ("dangling/run", "dangling is a link to nowhere, or a loop"),
+    ("afile", "afile is a file, not a folder"), ("", "an empty path")])
+def test_out_that_is_no_folder_is_one_line_before_any_work(odd_paths, capsys, monkeypatch, out,
+                                                          message):
+    monkeypatch.chdir(odd_paths)  # where "" once meant runs/<default name>
+    before = snapshot(odd_paths)
+    fails(capsys, train.main, [*TINY, "--out", out], message)
+    assert snapshot(odd_paths) == before
+
+
+@pytest.mark.parametrize("out,message", [
+    ("dangling/p.json", "dangling is a link to nowhere, or a loop"),
+    ("loop/p.json", "loop is a link to nowhere, or a loop"), ("", "an empty path"),
+    ("folder", "it is a folder, or not a regular file"), ("afile/p.json", "is a file, not a"),
+    ("p.json", "p.json.tmp is in the way")])
+def test_prior_out_is_checked_before_computing(odd_paths, capsys, monkeypatch, out, message):
+    monkeypatch.setattr(prior, "compressibility", lambda *a, **k: pytest.fail("computed first"))
+    monkeypatch.chdir(odd_paths)
+    (odd_paths / "p.json.tmp").write_text("the user's")
+    before = snapshot(odd_paths)
+    fails(capsys, prior.main, [*PRIOR, "--out", out], message)
+    assert snapshot(odd_paths) == before
+
+
+@pytest.mark.parametrize("png,order,message", [
+    ("folder", "row", "it is a folder, or not a regular file"),
+    ("afile/d.png", "row", "afile is a file, not a folder"),
+    ("dangling/d.png", "row", "dangling is a link to nowhere"),
+    ("d.png", "TYPO", "unknown order 'TYPO'")])
+def test_draw_orders_into_no_file_or_with_an_unknown_order_is_one_line(odd_paths, capsys, png,
+                                                                       order, message):
+    before = snapshot(odd_paths)
+    fails(capsys, train.main, ["--draw-orders", str(odd_paths / png), "--img-size", "16",
+                               "--patch", "4", "--order", order], message)
+    assert snapshot(odd_paths) == before
+
+
+def test_draw_orders_makes_its_folder(tmp_path):
+    train.main(["--draw-orders", str(tmp_path / "new" / "d.png"), "--img-size", "16", "--patch",
+                "4"])
+    assert os.listdir(tmp_path / "new") == ["d.png"]
+
+
+# ---- 7. damaged Fashion-MNIST files -------------------------------------------------------------
+
+def idx(array):
+    """MNIST's IDX bytes of a uint8 array."""
+    return bytes([0, 0, 8, array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape) \
+        + array.astype(np.uint8).tobytes()
+
+
+IMAGES, LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
+
+
+@pytest.mark.parametrize("damage,file,message", [
+    ("not gzip", IMAGES, "BadGzipFile"), ("truncated gzip", IMAGES, "EOFError"),
+    ("a bad header", LABELS, "its header or its size is wrong"),
+    ("too few bytes", IMAGES, "its header or its size is wrong"),
+    ("fewer labels than images", LABELS, "do not hold n images of 28 x 28 and their n labels"),
+    ("a label of 10", LABELS, "labels 0..9"), ("a FIFO", LABELS, "not a regular file")])
+def test_a_damaged_fashion_mnist_file_is_one_line_naming_it(tmp_path, capsys, damage, file,
+                                                            message):
+    images = np.random.default_rng(0).integers(0, 256, (64, 28, 28))
+    labels = np.arange(64) % 10
+    files = {IMAGES: gzip.compress(idx(images)), LABELS: gzip.compress(idx(labels))}
+    files.update({name.replace("train", "t10k"): content for name, content in files.items()})
+    files[file] = {"not gzip": b"plain text", "truncated gzip": files[file][:1000],
+                   "a bad header": gzip.compress(b"\0\0\x09" + idx(labels)[3:]),
+                   "too few bytes": gzip.compress(idx(images)[:-1]),
+                   "fewer labels than images": gzip.compress(idx(labels[:63])),
+                   "a label of 10": gzip.compress(idx(labels + 1)), "a FIFO": None}[damage]
+    root = tmp_path / "fm"
+    root.mkdir()
+    for name, content in files.items():
+        os.mkfifo(root / name) if content is None else (root / name).write_bytes(content)
+    for main, argv in [(train.main, ["--data", "fashion-mnist", "--root", str(root), "--epochs",
+                                     "1", "--batch-size", "8", "--out", str(tmp_path / "run")]),
+                       (prior.main, ["--data", "fashion-mnist", "--root", str(root), "--out",
+                                     str(tmp_path / "p.json")])]:
+        with deadline(60):
+            assert file in fails(capsys, main, argv, message)
+    assert sorted(os.listdir(tmp_path)) == ["fm"] and len(os.listdir(root)) == 4
+
+
+# ---- 8. image folders: only regular files opened, no link to a folder followed -------------------
+
+@contextmanager
+def deadline(seconds):
+    """A TimeoutError instead of a hang (SIGALRM interrupts a blocking open)."""
+    def expired(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_a_fifo_is_skipped_and_a_link_loop_not_followed_in_an_image_folder(tmp_path, capsys):
+    from PIL import Image
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (20, 20), (40 * i, 0, 0)).save(tmp_path / split / c / f"{i}.png")
+    cat, dog = tmp_path / "train" / "cat", tmp_path / "train" / "dog"
+    os.mkfifo(cat / "fifo.png")  # opening it blocks until someone writes
+    os.symlink("..", dog / "loop")  # dog/loop/dog/loop/...: 40 levels of dogs
+    os.symlink(tmp_path / "nowhere.png", dog / "dangling.png")
+    os.symlink(cat / "0.png", dog / "a-link-to-a-cat.png")  # a link to an image: read
+    with deadline(60):
+        dataset = data.build_dataset("folder", str(tmp_path), "train", 16)
+        labels = [dataset[i][1] for i in range(len(dataset))]
+    assert labels == [0, 0, 0, 1, 1, 1, 1]
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: skipping {cat / 'fifo.png'} (not a regular file)",
+        f"warning: skipping {dog / 'dangling.png'} (not a regular file)",
+        f"warning: skipping {dog / 'loop'} (a link to a folder)"]
+    with deadline(120):
+        assert prior.main(["--data", "folder", "--root", str(tmp_path), "--img-size", "16",
+                           "--patch", "4", "--codebook", "4", "--workers", "1",
+                           "--out", str(tmp_path / "p.json")]) == 0
+    assert json.loads((tmp_path / "p.json").read_text())["images"] == 7
+
+
+def test_a_fifo_among_cifar_batches_is_one_line(tmp_path, capsys):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    os.mkfifo(tmp_path / "cifar-10-batches-py" / "data_batch_1")
+    with deadline(60):
+        fails(capsys, train.main, ["--data", "cifar10", "--root", str(tmp_path), "--out",
+                                   str(tmp_path / "run")], "data_batch_1 is not a regular file")
+
+
+# ---- 9. the minor ones --------------------------------------------------------------------------
+
+def test_resume_takes_the_start_order_from_the_checkpoint_not_from_the_file(tmp_path):
+    path = tmp_path / "order.pt"
+    data.save_order(str(path), reorder.order("spiral", 4, 4), (4, 4))
+    out = str(tmp_path / "run")
+    train.main([*TINY, "--order", str(path), "--out", out, "--epochs", "1"])
+    path.unlink()  # gone: --resume (here: of a finished run) does not need it
+    summary = train.main([*TINY, "--order", str(path), "--out", out, "--epochs", "1", "--resume"])
+    assert torch.equal(summary["order"], reorder.order("spiral", 4, 4))
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: reorder.grid_size(32.0, 4), "must be positive integers"),
+    (lambda: reorder.grid_size(32, -4), "must be positive integers"),
+    (lambda: reorder.grid_size((32, 32, 3), 4), "must be positive integers"),
+    (lambda: reorder.triangle_tau(0, 0, 0.2), "at least one step, got steps=0"),
+    (lambda: reorder.ViT(reorder.vit_config("tiny", img_size=16, patch_size=4))(
+        torch.zeros(3, 16, 16)), "a batch [B, C, H, W]), got shape [3, 16, 16]")])
+def test_bad_arguments_to_the_api_are_one_line_value_errors(call, message):
+    with pytest.raises(ValueError) as e:
+        call()
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_atomic_path_neither_follows_nor_replaces_what_is_at_its_temporary_name(tmp_path):
+    victim, path = tmp_path / "victim.txt", tmp_path / "out.json"
+    victim.write_text("the user's")
+    for planted in (lambda tmp: tmp.symlink_to(victim), lambda tmp: tmp.write_text("theirs")):
+        planted(tmp_path / "out.json.tmp")
+        before = snapshot(tmp_path)
+        with pytest.raises(data.UsageError, match="out.json.tmp"):
+            with data.atomic_path(str(path), "w") as f:
+                f.write("ours")
+        assert snapshot(tmp_path) == before
+        os.remove(tmp_path / "out.json.tmp")
