@@ -194,7 +194,6 @@ EDITS = {  # the issue's five, then other fields train.py reads or loads
     "a NaN weight": (lambda c: c["model"]["head.bias"].fill_(float("nan")), "model.head.bias"),
     "an infinite sum": (lambda c: c["progress"]["sums"][0].update(loss=float("inf")),
                         "progress.sums"),
-    "sums of two ranks": (lambda c: c["progress"]["sums"].append({}), "does not fit this run"),
     "Adam's moment of the wrong shape": (lambda c: c["optimizer"]["state"][0].update(
         exp_avg=torch.zeros(3)), "does not have its parameter's shape"),
     "the baseline's value text": (lambda c: c["baseline"].update(value="x"), "are no numbers"),

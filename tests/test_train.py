@@ -460,6 +460,7 @@ EDITS = {  # a hand-edited last.pt, one epoch of two done (more in test_hostile.
     "step too far": (lambda c: c["progress"].update(done_in_epoch=8), "does not fit this run"),
     "step negative": (lambda c: c["progress"].update(done_in_epoch=-1), "does not fit this run"),
     "history short": (lambda c: c["progress"].update(history=[]), "does not fit this run"),
+    "sums of two ranks": (lambda c: c["progress"]["sums"].append({}), "does not fit this run"),
 }
 
 
