@@ -362,7 +362,8 @@ def save(out, ckpt, grid, order_now=None, pairs=None):
             f.writelines(json.dumps(line) + "\n" for line in history)
         data.save_order(os.path.join(out, "order.pt"), order_now, grid)
         orders = {f"start: {ckpt['order_name']}": ckpt["start_perm"],
-                  f"epoch {len(history) - 1} ({history[-1]['phase']})": order_now.cpu()}
+                  f"{'learned' if 'policy' in ckpt else 'fixed'}, epoch {len(history) - 1}":
+                  order_now.cpu()}
         if pairs is not None:  # how many partners each order puts side by side
             orders = {f"{title}, {data.side_by_side(perm, pairs)}/{len(pairs)} side by side":
                       perm for title, perm in orders.items()}
