@@ -344,11 +344,11 @@ class PairImages(Dataset):
     label; w slots apart in row-major order, 1 in column-major. pair_order reaches ~100%. With
     `balanced`, exactly half of the first patches are dark, so both labels have half of all
     patches dark: counting them, an order-blind shortcut, gives 50% (not 92.45% on neighbours,
-    58.55% on pairs). --data majority: gap = h/2, a fraction `mismatch0` of the pairs differ for
-    label 0 (1/4) and `mismatch` for label 1 (3/4), so each pair the model can read is one more
-    vote (graded, not all-or-nothing); half of the differing pairs and half of the matching ones
-    are dark, so every image is half dark. Generated from the index alone, each image once (then
-    kept: 1 KiB at 16 x 16); a horizontal flip keeps the label.
+    58.55% on pairs). --data majority: gap = h/2, a fraction votes[label] of the pairs, at random,
+    differ (1/4 for label 0, 3/4 for label 1), so each pair the model can read is one more vote
+    (graded, not all-or-nothing); half of the differing pairs and half of the matching ones are
+    dark, so every image is half dark. Generated from the index alone, each image once (then kept:
+    1 KiB at 16 x 16); a horizontal flip keeps the label.
     """
     num_classes = 2
 
