@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, Subset
 import reorder
 
 DATASETS = ("cifar10", "fashion-mnist", "imagenet", "fmow", "folder", "synthetic", "pairs",
-            "neighbours")
+            "neighbours", "majority")
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
             "fashion-mnist": ((0.2860,), (0.3530,)),
@@ -366,10 +366,21 @@ def pair_order(h, w, gap=None):
     return pairs_of(h, w, gap or h // 2).flatten()
 
 
-def pair_gaps(perm, h, w, gap=None):
-    """Slots between the two patches of each pair in the order(s) perm: [..., N] -> [..., pairs]."""
-    slots, pairs = perm.argsort(-1), pairs_of(h, w, gap or h // 2)  # slots: where each patch sits
+def slot_gaps(perm, pairs):
+    """Slots between the two patches of each pair ([P, 2] ids) in the order(s) perm:
+    [..., N] -> [..., P]; 1: side by side."""
+    slots = perm.argsort(-1)  # where each patch sits
     return (slots[..., pairs[:, 0]] - slots[..., pairs[:, 1]]).abs().float()
+
+
+def side_by_side(perm, pairs):
+    """How many of the pairs ([P, 2] patch ids) the order perm [N] puts side by side."""
+    return int((slot_gaps(perm.cpu(), pairs) == 1).sum())
+
+
+def pair_gaps(perm, h, w, gap=None):
+    """slot_gaps of the pairs_of(h, w, gap) (default gap h/2): [..., N] -> [..., h*w/2]."""
+    return slot_gaps(perm, pairs_of(h, w, gap or h // 2))
 
 
 def pair_distance(perm, h, w, gap=None):
@@ -387,12 +398,16 @@ class PairImages(Dataset):
     label; w slots apart in row-major order, 1 in column-major. pair_order reaches ~100%. With
     `balanced`, exactly half of the first patches are dark, so both labels have half of all
     patches dark: counting them, an order-blind shortcut, gives 50% (not 92.45% on neighbours,
-    58.55% on pairs). Generated from the index alone; a horizontal flip keeps the label.
+    58.55% on pairs). --data majority: gap = h/2, a fraction votes[label] of the pairs, at random,
+    differ (1/4 for label 0, 3/4 for label 1), so each pair the model can read is one more vote
+    (graded, not all-or-nothing); half of the differing pairs and half of the matching ones are
+    dark, so every image is half dark. Generated from the index alone, each image once (then kept:
+    1 KiB at 16 x 16); a horizontal flip keeps the label.
     """
     num_classes = 2
 
     def __init__(self, n, size, patch, gap=None, offset=0, mismatch=0.5, noise=0.5,
-                 balanced=False):
+                 balanced=False, votes=None):
         h, w = reorder.grid_size(size, patch)
         gap = gap or h // 2
         if h % (2 * gap):
@@ -401,6 +416,8 @@ class PairImages(Dataset):
         self.n, self.patch, self.grid, self.offset = n, patch, (h, w), offset
         self.pairs, self.noise, self.balanced = pairs_of(h, w, gap), noise, balanced
         self.mismatches = round(mismatch * len(self.pairs))
+        self.votes = votes and [round(v * len(self.pairs)) for v in votes]
+        self.made = {}  # index: (image, label), each made once
 
     def __len__(self):
         return self.n
@@ -413,13 +430,26 @@ class PairImages(Dataset):
             first = (torch.randperm(len(first), generator=g) < len(first) // 2).long()
         label = int(torch.randint(2, (), generator=g))
         partner = first.clone()
-        if label:
+        if self.votes:  # majority: a fraction votes[label] of the pairs, at random, differ
+            differ = torch.randperm(len(first), generator=g)
+            differ, same = differ[:self.votes[label]], differ[self.votes[label]:]
+            first.zero_()
+            for group in (differ, same):  # half of each dark: every image is half dark
+                first[group[torch.randperm(len(group), generator=g)[:len(group) // 2]]] = 1
+            partner = first.clone()
+            partner[differ] ^= 1
+        elif label:
             partner[torch.randperm(len(first), generator=g)[:self.mismatches]] ^= 1
         bits = torch.empty(h * w, dtype=torch.long)
         bits[self.pairs[:, 0]], bits[self.pairs[:, 1]] = first, partner
         return bits.view(h, w), label, g
 
     def __getitem__(self, i):
+        if i not in self.made:
+            self.made[i] = self.make(i)
+        return self.made[i]
+
+    def make(self, i):
         bits, label, g = self.bits(i)
         # a bit is the patch's upper half bright (0) or dark (1), not its mean, which the patch
         # embedding's LayerNorm removes; both patterns are their own horizontal mirror images
@@ -440,11 +470,12 @@ def build_dataset(data, root, split, img_size, augment=False, seed=0, subset=Non
     if data == "synthetic":
         dataset = SyntheticImages((subset or 2048) if train else 512, img_size,
                                   offset=0 if train else 10**6)
-    elif data in ("pairs", "neighbours"):  # generated: train and val differ by their seeds
-        neighbours = data == "neighbours"
+    elif data in ("pairs", "neighbours", "majority"):  # generated: train and val differ by seeds
+        neighbours, majority = data == "neighbours", data == "majority"
         dataset = PairImages((subset or 50000) if train else 5000, img_size, patch,
-                             gap=1 if neighbours else None, mismatch=1.0 if neighbours else 0.5,
-                             balanced=neighbours, offset=0 if train else 10**7)
+                             gap=1 if neighbours else None, offset=0 if train else 10**7,
+                             mismatch=1.0 if neighbours else 0.5, balanced=neighbours,
+                             votes=(0.25, 0.75) if majority else None)
     elif data == "fashion-mnist":
         dataset = fashion_mnist(root, split, img_size)
     elif data == "cifar10":
@@ -526,11 +557,15 @@ def load_order(path, grid):
 
 VIRIDIS = torch.tensor([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]],
                        dtype=torch.float)
+PAIR_COLOURS = ["#e6194b", "#f58231", "#ffe119", "#3cb44b", "#42d4f4", "#4363d8", "#f032e6",
+                "#a9a9a9", "#800000", "#9a6324", "#808000", "#000075"]  # a few distinct colours
 
 
-def draw_orders(path, grid, orders, columns=4):
+def draw_orders(path, grid, orders, columns=4, pairs=None):
     """One PNG of orders ({title: perm}) side by side: each patch coloured by its slot (dark =
-    early), the path through the patch centres in white, the first patch marked red."""
+    early), the path through the patch centres in white, the first patch marked red. With pairs
+    ([P, 2] patch ids, a known-answer task): each pair's two patches dotted in one colour, and the
+    step between partners drawn in that colour where the order puts them side by side."""
     from PIL import Image, ImageDraw
     (h, w), cell, columns = grid, max(6, 224 // max(grid)), min(columns, len(orders))
     pw, ph = w * cell, h * cell
@@ -547,9 +582,55 @@ def draw_orders(path, grid, orders, columns=4):
             r, c = divmod(patch, w)
             pen.rectangle([x0 + c * cell, y0 + 16 + r * cell, x0 + (c + 1) * cell - 1,
                            y0 + 16 + (r + 1) * cell - 1], fill=tuple(colour))
-        path_xy = [(x0 + (p % w) * cell + cell // 2, y0 + 16 + (p // w) * cell + cell // 2)
-                   for p in perm.tolist()]  # the patch centres in slot order
-        pen.line(path_xy, fill="white", width=max(1, cell // 10))
-        (cx, cy), dot = path_xy[0], max(2, cell // 4)
-        pen.ellipse([cx - dot, cy - dot, cx + dot, cy + dot], fill="red")
+        centre = [(x0 + (p % w) * cell + cell // 2, y0 + 16 + (p // w) * cell + cell // 2)
+                  for p in range(h * w)]
+        pen.line([centre[p] for p in perm.tolist()], fill="white", width=max(1, cell // 10))
+        dot, slots = max(2, cell // 4), perm.argsort()
+        for i, pair in enumerate([] if pairs is None else pairs.tolist()):
+            colour = PAIR_COLOURS[i % len(PAIR_COLOURS)]
+            if abs(int(slots[pair[0]] - slots[pair[1]])) == 1:  # side by side in this order
+                (ax, ay), (bx, by) = centre[pair[0]], centre[pair[1]]
+                side = cell / 5 * (1 if pair[0] // w % 2 else -1) / math.hypot(bx - ax, by - ay)
+                shift = (side * (ay - by), side * (bx - ax))  # beside the path, not on it
+                pen.line([(ax + shift[0], ay + shift[1]), (bx + shift[0], by + shift[1])],
+                         fill=colour, width=max(2, cell // 6))
+            for (cx, cy) in (centre[pair[0]], centre[pair[1]]):
+                pen.ellipse([cx - dot // 2, cy - dot // 2, cx + dot // 2, cy + dot // 2],
+                            fill=colour, outline="black")
+        (cx, cy) = centre[int(perm[0])]
+        pen.ellipse([cx - dot, cy - dot, cx + dot, cy + dot], outline="red", width=2)
+    sheet.save(path, format="PNG", optimize=True)
+
+
+def draw_curve(path, history, pairs=0):
+    """A PNG of val top-1 (%) per epoch (blue) and, for a known-answer task of `pairs` pairs, the
+    share of partners side by side (orange), over the phases (fixed, learn, finetune) shaded."""
+    from PIL import Image, ImageDraw
+    width, height, left, top, bottom = 480, 300, 40, 34, 30
+    x1, y1 = width - 12, height - bottom
+    sheet = Image.new("RGB", (width, height), "white")
+    pen = ImageDraw.Draw(sheet)
+    n = max(len(history), 2)
+    xs = [left + (x1 - left) * i / (n - 1) for i in range(n)]
+    for i, line in enumerate(history):  # the phases as bands behind the curves
+        shade = {"fixed": "#f2f2f2", "learn": "#dde8f7", "finetune": "#e5f2e0"}[line["phase"]]
+        half = (x1 - left) / (n - 1) / 2
+        pen.rectangle([max(left, xs[i] - half), top, min(x1, xs[i] + half), y1], fill=shade)
+    for tick in range(0, 101, 25):
+        y = y1 - (y1 - top) * tick / 100
+        pen.line([left, y, x1, y], fill="#bbbbbb")
+        pen.text((6, y - 5), f"{tick}%", fill="black")
+    series = [("val top-1", "#1f4fbf", [line["val_top1"] for line in history])]
+    if pairs:
+        series.append(("partners side by side", "#e07b00",
+                       [100 * line.get("side_by_side", 0) / pairs for line in history]))
+    for k, (name, colour, values) in enumerate(series):
+        points = [(xs[i], y1 - (y1 - top) * v / 100) for i, v in enumerate(values) if v is not None]
+        if len(points) > 1:
+            pen.line(points, fill=colour, width=2)
+        for (x, y) in points:
+            pen.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        pen.text((left + 120 * k, 8), name, fill=colour)
+    pen.text((left, 20), "phases: fixed (grey), learn (blue), finetune (green)", fill="#555555")
+    pen.text((left, y1 + 8), f"epoch 0 ... {len(history) - 1}", fill="black")
     sheet.save(path, format="PNG", optimize=True)

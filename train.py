@@ -46,7 +46,7 @@ WRITER = RANK == 0
 RESUME_MAY_CHANGE = ("lr", "policy_lr", "weight_decay", "clip", "amp", "device", "compile")
 NO_NUMBER = ("workers", "save_every", "quiet", "resume", "out", "draw_orders")
 WORK = ("last.pt", "best.pt", "metrics.jsonl", "order.pt")  # what a fresh run may not replace
-OUTPUTS = WORK + ("order.png", "config.json", "prior.json")  # each written through name.tmp
+OUTPUTS = WORK + ("order.png", "curve.png", "config.json", "prior.json")  # via name.tmp
 
 # --------------------------------------------------------------------------------------------------
 # Steps: the curriculum, the classifier, the policy, validation
@@ -430,11 +430,12 @@ def checkpoint(state, meta, progress, rng):
             "progress": {**progress, "sums": sums}, "rng": rng}
 
 
-def save(out, ckpt, grid, order_now=None):
+def save(out, ckpt, grid, order_now=None, pairs=None):
     """last.pt, the whole state in one dict, written atomically by rank 0. At an epoch's end
     (order_now given) first that epoch's outputs: best.pt if it is the best so far, metrics.jsonl,
-    order.pt, order.png; last.pt comes last, so a kill in between leaves outputs that the resumed
-    run writes again, identically."""
+    order.pt, order.png (the start and this order; `pairs` marked on a known-answer task),
+    curve.png; last.pt comes last, so a kill in between leaves outputs that the resumed run writes
+    again, identically."""
     if not WRITER:
         return
     buffer = io.BytesIO()  # serialized once, for last.pt and best.pt
@@ -447,8 +448,18 @@ def save(out, ckpt, grid, order_now=None):
         with data.atomic_path(os.path.join(out, "metrics.jsonl"), "w") as f:
             f.writelines(json.dumps(line) + "\n" for line in history)
         data.save_order(os.path.join(out, "order.pt"), order_now, grid)
-        with data.atomic_path(os.path.join(out, "order.png")) as f:
-            data.draw_orders(f, grid, {f"epoch {len(history) - 1}": order_now.cpu()})
+        orders = {f"start: {ckpt['order_name']}": ckpt["start_perm"],
+                  f"{'learned' if 'policy' in ckpt else 'fixed'}, epoch {len(history) - 1}":
+                  order_now.cpu()}
+        if pairs is not None:  # how many partners each order puts side by side
+            orders = {f"{title}, {data.side_by_side(perm, pairs)}/{len(pairs)} side by side":
+                      perm for title, perm in orders.items()}
+        for name, draw in (("order.png", lambda f: data.draw_orders(f, grid, orders,
+                                                                     pairs=pairs)),
+                           ("curve.png", lambda f: data.draw_curve(f, history, len(
+                               pairs) if pairs is not None else 0))):
+            with data.atomic_path(os.path.join(out, name)) as f:
+                draw(f)
     data.atomic_save(buffer.getvalue(), os.path.join(out, "last.pt"))
 
 
@@ -602,6 +613,8 @@ def train(args):
         net = torch.nn.parallel.DistributedDataParallel(net) if WORLD > 1 else net
 
         current_order = policy.mode if policy is not None else (lambda: start_perm)
+        # a known-answer task (data.PairImages): its answer puts every pair side by side
+        classes, pairs = model.cfg.num_classes, getattr(data.base_dataset(train_set), "pairs", None)
         # where last.pt is; a checkpoint asked for: "step", or "epoch" (with the epoch's outputs)
         saved, due = (progress["epoch"], progress["done_in_epoch"]) if resumed else None, None
         while progress["epoch"] < args.epochs:
@@ -643,7 +656,7 @@ def train(args):
                 #    checkpoint asked for now (and at Ctrl-C or SIGTERM, then exit); then step
                 if due or signum:
                     save(args.out, checkpoint(state, meta, progress, rng), grid,
-                         current_order() if due == "epoch" else None)
+                         current_order() if due == "epoch" else None, pairs)
                     saved, due = (epoch, progress["done_in_epoch"]), None
                 if signum:
                     interrupted(signum, args.out, saved, steps_per_epoch)
@@ -672,15 +685,25 @@ def train(args):
                 order_now, start_perm, device, time.time() - t0))
             progress.update(epoch=epoch + 1, done_in_epoch=0, sums={}, changed={})
             due, h = "epoch", progress["history"][-1]
+            if pairs is not None:
+                h["side_by_side"] = data.side_by_side(order_now, pairs)
             if WRITER:
                 print(f"epoch {epoch} {h['phase']}: train loss {h['train_loss']:.4f}, val top-1 "
-                      f"{top1:.2f} top-5 {top5:.2f}, tau {h['tau']:.3f}, order shift "
-                      f"{h['order_shift']:.2f}, {h['seconds']:.1f} s", flush=True)
+                      f"{top1:.2f}" + (f" top-5 {top5:.2f}" if classes >= 5 else "") +
+                      f", tau {h['tau']:.3f}, " + (f"partners side by side {h['side_by_side']}/"
+                      f"{len(pairs)} (start {data.side_by_side(start_perm, pairs)}), "
+                      if pairs is not None else "") +
+                      f"order shift {h['order_shift']:.2f}, {h['seconds']:.1f} s", flush=True)
         if due:  # the last epoch: there is no later step to wait for
             save(args.out, checkpoint(state, meta, progress, rng_state(device, policy_gen)), grid,
-                 current_order())
+                 current_order(), pairs)
         elif WRITER:
             print(f"{args.out}: the run is complete ({args.epochs} epochs)")
+        if pairs is not None and WRITER:  # the known answer: every partner side by side
+            side, last = data.side_by_side(current_order(), pairs), progress["history"][-1]
+            print(f"known answer {'reached' if side == len(pairs) else 'not reached'}: {side} of "
+                  f"{len(pairs)} partners side by side (start "
+                  f"{data.side_by_side(start_perm, pairs)}), val top-1 {last['val_top1']:.2f}%")
     return {"out": args.out, "history": progress["history"], "order": current_order().cpu(),
             "policy_logits": policy.logits.detach().cpu() if policy is not None else None}
 
@@ -727,61 +750,92 @@ def interrupted(signum, out, saved, steps_per_epoch):
 # Command line: every number checked where it is parsed
 # --------------------------------------------------------------------------------------------------
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with each option's default, where it has one that is not computed from others."""
+
+    def _get_help_string(self, action):
+        shown = action.default not in (None, argparse.SUPPRESS) and action.default is not False \
+            and "default" not in action.help
+        return action.help + (" (default: %(default)s)" if shown else "")
+
+
 def parse_args(argv=None):
-    ap = data.OneLineParser(description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = data.OneLineParser(description=__doc__, formatter_class=HelpFormatter)
     count, whole, positive, nonneg = number(int, 1), number(int, 0), number(above=0), number(low=0)
-    a = ap.add_argument
+    a = ap.add_argument_group("data").add_argument
     a("--data", default="cifar10", choices=data.DATASETS,
-      help="pairs, neighbours: the known-answer tasks (data.PairImages)")
-    a("--root", help="data folder (cifar10: ./data; fashion-mnist: Debian's package, else ./data)")
-    a("--subset", type=count, help="train on a fixed random subset of K images")
-    a("--val-subset", type=count, help="validate on a fixed random subset of K images")
-    a("--workers", type=whole, help="loader processes (default: 0 in memory, 8 for folders)")
-    a("--model", default="tiny", choices=sorted(reorder.PRESETS))
-    a("--dim", type=count, help="override the preset's width")
-    a("--depth", type=count, help="override the preset's depth")
-    a("--heads", type=count, help="override the preset's heads")
-    a("--img-size", type=count, default=32)
-    a("--patch", type=count, default=4)
+      help="the data set; pairs, neighbours, majority: known-answer tasks (data.PairImages)")
+    a("--root", metavar="DIR", help="data folder (default: cifar10 ./data; fashion-mnist Debian's "
+                                    "dataset-fashion-mnist, else ./data; folders: required)")
+    a("--subset", type=count, metavar="K", help="train on a fixed random subset of K images "
+                                                "(default: all)")
+    a("--val-subset", type=count, metavar="K", help="validate on a fixed random subset of K "
+                                                    "images (default: all)")
+    a("--img-size", type=count, default=32, metavar="PX", help="image side, after resizing")
+    a("--patch", type=count, default=4, metavar="PX", help="patch side: a grid of img-size / patch")
+    a("--workers", type=whole, metavar="N", help="loader processes (default: 0 for data in "
+                                                 "memory, up to 8 for image folders)")
+    a = ap.add_argument_group("model").add_argument
+    a("--model", default="tiny", choices=sorted(reorder.PRESETS),
+      help="size preset: tiny 192 wide, small 384, base 768 (the paper's); 12 layers each")
+    a("--dim", type=count, metavar="N", help="width, overriding the preset's")
+    a("--depth", type=count, metavar="N", help="layers, overriding the preset's")
+    a("--heads", type=count, metavar="N", help="attention heads, overriding the preset's")
     a("--mixer", default="window", choices=reorder.MIXERS,
-      help="window (Longformer, default), causal (Transformer-XL), mamba (one scan), bimamba "
-           "(the paper's Mamba: four scans)")
-    a("--window", default="auto", type=lambda t: t.lower() if t.lower() in ("none", "auto") else
-      whole(t), help="window: attention reaches ±window slots (default 7, the paper's; none = "
-                     "full attention); causal: that many earlier slots (default none: all)")
+      help="window (Longformer), causal (Transformer-XL), mamba (one scan), bimamba (the paper's "
+           "Mamba: four scans)")
+    a("--window", default="auto", metavar="N", type=lambda t: t.lower() if t.lower() in (
+        "none", "auto") else whole(t), help="window: attention reaches ±N slots (auto: 7, the "
+      "paper's; none: full attention); causal: the N earlier slots (auto: all)")
+    a = ap.add_argument_group("order and policy").add_argument
     a("--order", default="row", help=f"start order: {', '.join(reorder.ORDERS)}, random, prior "
                                      f"(prior.py's pick on a training sample), or a saved order.pt")
-    a("--prior-n", type=count, default=512, help="images sampled for --order prior")
-    a("--learn-order", action="store_true", help="learn the order with the Plackett-Luce policy")
-    a("--policy-start", type=whole, help="epochs on the fixed order first (default 15%%)")
-    a("--policy-epochs", type=count, help="epochs of order learning (default 30%%)")
-    a("--tau-max", type=positive, default=0.2, help="peak of the triangular temperature")
-    a("--fixed-tau", type=nonneg, default=0.0,
+    a("--prior-n", type=count, default=512, metavar="N", help="images sampled for --order prior")
+    a("--learn-order", action="store_true", help="learn the order with the Plackett-Luce policy "
+                                                 "(the curriculum); without it the order is fixed")
+    a("--policy-start", type=whole, metavar="EPOCHS",
+      help="epochs on the fixed start order first (default: 15%% of --epochs)")
+    a("--policy-epochs", type=count, metavar="EPOCHS",
+      help="epochs of order learning (default: 30%% of --epochs)")
+    a("--tau-max", type=positive, default=0.2, metavar="TAU",
+      help="peak of the temperature, which rises 0 -> TAU -> 0 per step while learning")
+    a("--fixed-tau", type=nonneg, default=0.0, metavar="TAU",
       help="> 0: before learning, train on orders sampled around the start at this temperature "
            "(100: random orders), so that the model learns to read other orders")
-    a("--orders-per-step", type=count, default=4,
+    a("--orders-per-step", type=count, default=4, metavar="K",
       help="K orders scored on the same images each learning step (1: the paper's estimator)")
-    a("--policy-lr", type=nonneg, default=0.01, help="the policy's SGD rate (0: frozen, a control)")
-    a("--reward", default="xent", choices=["xent", "binary"], help="-cross-entropy, or ±1")
+    a("--policy-lr", type=nonneg, default=0.01, metavar="LR",
+      help="the policy's SGD rate (0: frozen, a control)")
+    a("--reward", default="xent", choices=["xent", "binary"],
+      help="reward of an order: -cross-entropy, or ±1 right/wrong")
     a("--baseline", choices=["ema", "loo"],
-      help="K > 1: leave-one-out over the orders; K = 1: the paper's EMA (0.99), or leave-one-out "
-           "over the images (--granularity image)")
+      help="K > 1: leave-one-out over the orders (default); K = 1: the paper's EMA (0.99, "
+           "default), or leave-one-out over the images (with --granularity image)")
     a("--granularity", default="batch", choices=["batch", "image"],
-      help="an order per batch or per image")
-    a("--epochs", type=count, default=100)
-    a("--batch-size", type=count, default=128, help="per process")
-    a("--lr", type=positive, default=1e-4)
-    a("--weight-decay", type=nonneg, default=0.03)
-    a("--warmup-epochs", type=whole, help="default 5%% of --epochs (paper: 5 of 100)")
-    a("--clip", type=positive, default=5.0)
-    a("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="CUDA only")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    a("--seed", type=number(int, 0, high=2 ** 32 - 2), default=0)
-    a("--out", help="run folder (default runs/<data>-<order>[-<mixer>][-learn]-s<seed>)")
+      help="one sampled order per batch, or one per image")
+    a = ap.add_argument_group("optimisation").add_argument
+    a("--epochs", type=count, default=100, metavar="N", help="epochs in all, the phases together")
+    a("--batch-size", type=count, default=128, metavar="N", help="images per step, per process")
+    a("--lr", type=positive, default=1e-4, metavar="LR",
+      help="the model's AdamW learning rate (peak)")
+    a("--weight-decay", type=nonneg, default=0.03, metavar="WD",
+      help="the model's AdamW weight decay")
+    a("--warmup-epochs", type=whole, metavar="EPOCHS", help="linear warm-up, then cosine to 1%% "
+                                                            "of --lr (default: 5%% of --epochs)")
+    a("--clip", type=positive, default=5.0, metavar="NORM", help="the model's gradient norm clip")
+    a("--seed", type=number(int, 0, high=2 ** 32 - 2), default=0, metavar="N",
+      help="seeds the weights, the data order, the flips and the sampled orders")
+    a = ap.add_argument_group("run control").add_argument
+    a("--out", metavar="DIR", help="run folder (default: runs/<data>-<order>[-<mixer>][-learn]-"
+                                   "s<seed>)")
     a("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    a("--save-every", type=whole, default=500, help="also checkpoint every N steps (0: at epochs)")
+    a("--save-every", type=whole, default=500, metavar="N",
+      help="also checkpoint every N steps (0: at epochs only)")
+    a("--device", default="auto", choices=["auto", "cuda", "cpu"],
+      help="auto: cuda where torch sees a GPU")
+    a("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+      help="autocast on CUDA (auto: bf16 where supported, else fp16); none on CPU")
+    a("--compile", action="store_true", help="torch.compile the model")
     a("--quiet", action="store_true", help="no progress bars")
     a("--draw-orders", metavar="PNG", help="only draw the orderings (and --order if a file) on "
                                            "the grid of --img-size / --patch into one PNG")

@@ -272,6 +272,34 @@ def test_pair_order_puts_partners_side_by_side_and_row_major_far_apart():
     assert data.pair_distance(reorder.order("column", 8, 8), 8, 8, gap=1) == 1
 
 
+def test_majority_label_says_whether_most_pairs_differ_and_every_image_is_half_dark():
+    task = data.base_dataset(data.build_dataset("majority", None, "val", 16))
+    task.noise = 0.0
+    assert task.grid == (4, 4) and len(task.pairs) == 8  # partners (r, c), (r + 2, c)
+    labels = []
+    for i in range(300):
+        image, label = task[i]
+        bits = read_bits(image, 4)
+        assert torch.equal(bits, task.bits(i)[0])
+        assert int((bits[:2] != bits[2:]).sum()) == (6 if label else 2)
+        assert int(bits.sum()) == 8  # counting dark patches tells nothing
+        labels.append(label)
+    assert 0.4 < sum(labels) / len(labels) < 0.6
+    # each image is made once, then the same tensor is given back
+    assert task[3][0] is task[3][0]
+
+
+def test_side_by_side_counts_the_partners_in_neighbouring_slots():
+    pairs = data.pairs_of(4, 4, 2)
+    assert data.side_by_side(reorder.order("column", 4, 4), pairs) == 0  # 2 slots apart
+    assert data.side_by_side(data.pair_order(4, 4), pairs) == 8
+    assert data.side_by_side(reorder.order("row", 4, 4), pairs) == 0  # 8 slots apart
+    # column order with slots 1 and 2 of the first column swapped: 0 8 4 12 ...
+    perm = torch.tensor([0, 8, 4, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15])
+    assert data.side_by_side(perm, pairs) == 2
+    assert data.slot_gaps(perm, pairs)[:4].tolist() == [1.0, 2.0, 2.0, 2.0]
+
+
 def test_odd_number_of_patch_rows_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--data", "pairs", "--img-size", "12", "--patch", "4",

@@ -612,6 +612,27 @@ def test_resume_refuses_or_applies_and_records_changed_flags(tmp_path, monkeypat
     assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 0.1
 
 
+def test_help_groups_every_option_with_a_help_line_and_its_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert e.value.code == 0
+    groups = ["data:", "model:", "order and policy:", "optimisation:", "run control:"]
+    assert [line for line in text.splitlines() if line in groups] == groups
+    lines = text.split("\n\ndata:\n")[1].splitlines()
+    for i, line in enumerate(lines):  # a flag's help: after it on its line, or on the next one
+        if line.startswith("  --"):
+            assert "  " in line.strip() or lines[i + 1].startswith(" " * 10), line
+    words = " ".join(text.split())
+    for shown in ("--lr LR the model's AdamW learning rate (peak) (default: 0.0001)",
+                  "--fixed-tau TAU > 0: before learning", "at this temperature (100: random "
+                  "orders), so that the model learns to read other orders (default: 0.0)",
+                  "--policy-start EPOCHS epochs on the fixed start order first (default: 15% of "
+                  "--epochs)", "--seed N seeds the weights, the data order, the flips and the "
+                  "sampled orders (default: 0)"):
+        assert shown in words, shown
+
+
 def test_metrics_are_strict_json(tmp_path):
     # issue 17, defect 8: NaN and Infinity are not JSON; a value that is not finite is null
     line = train.epoch_record(
@@ -665,6 +686,26 @@ def test_draw_orders_writes_every_order_and_a_saved_one_in_one_png(tmp_path):
         for slot, colour in ((0, (68, 1, 84)), (15, (253, 231, 37))):  # viridis' two ends
             r, c = divmod(int(perm[slot]), 4)
             assert sheet.getpixel((x0 + c * cell + 2, y0 + r * cell + 2)) == colour, (k, slot)
+
+
+def test_a_known_answer_run_shows_its_partners_each_epoch_and_says_if_it_reached_the_answer(
+        tmp_path, capsys):
+    from PIL import Image
+    # two classes: no top-5; each epoch line counts the partners side by side, the last line says
+    # whether the answer (all of them) was reached; order.png shows the start and the order now
+    summary = train.main(["--data", "majority", "--subset", "64", "--val-subset", "32",
+                          "--batch-size", "16", "--img-size", "16", "--patch", "4", "--depth", "2",
+                          "--dim", "16", "--heads", "2", "--window", "1", "--order", "column",
+                          "--epochs", "3", "--learn-order", "--quiet",
+                          "--out", str(tmp_path / "r")])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and not any("top-5" in line for line in lines)
+    assert all("partners side by side 0/8 (start 0)" in line for line in lines[:3])
+    assert lines[3].startswith("known answer not reached: 0 of 8 partners side by side (start 0)")
+    assert [m["side_by_side"] for m in metrics(summary["out"])] == [0, 0, 0]
+    two_panels = Image.open(os.path.join(summary["out"], "order.png")).size
+    assert two_panels == (2 * (4 * 56 + 12) + 12, 4 * 56 + 30 + 12)
+    assert Image.open(os.path.join(summary["out"], "curve.png")).size == (480, 300)
 
 
 def perm_of(path):
