@@ -48,6 +48,7 @@ def qkv(n, seed=0, d=8):
 @pytest.mark.parametrize("n,window,chunk", [
     (1, 0, None), (5, 1, None), (33, 3, None), (100, 7, None), (197, 7, None), (196, 7, 7),
     (301, 0, None), (300, 64, None), (257, 5, 9), (130, 16, 40), (64, 20, 20), (31, 30, None),
+    (100, 9, 4),  # a chunk narrower than the window: widened to it
 ])
 @pytest.mark.parametrize("causal", [False, True])
 def test_banded_attention_equals_dense_reference(n, window, chunk, causal):
@@ -57,7 +58,7 @@ def test_banded_attention_equals_dense_reference(n, window, chunk, causal):
 
 
 @pytest.mark.parametrize("n,window", [(1, None), (5, 0), (40, None), (197, 7), (300, None),
-                                      (300, 7), (600, 20), (257, 100)])
+                                      (300, 7), (600, 20), (257, 100), (40, 38), (40, 39)])
 def test_causal_attention_equals_dense_reference(n, window):
     # every path: the kernel's causal mask (None), dense masked (short), banded (long, narrow)
     assert_same_with_gradients(lambda q, k, v: window_attention(q, k, v, window, causal=True),
@@ -66,7 +67,8 @@ def test_causal_attention_equals_dense_reference(n, window):
                                qkv(n, seed=n))
 
 
-@pytest.mark.parametrize("n,window", [(50, 3), (300, 7), (600, 20), (40, None)])
+@pytest.mark.parametrize("n,window", [(50, 3), (300, 7), (600, 20), (40, None), (40, 38),
+                                      (40, 39)])  # 38: the widest window short of all
 def test_window_attention_dispatch_equals_reference(n, window):
     q, k, v = qkv(n, seed=7)
     out = window_attention(q, k, v, window)

@@ -43,6 +43,22 @@ def test_exact_2x3_and_3x2_sequences(name):
     assert order(name, 3, 2).tolist() == EXACT_3x2[name]
 
 
+SORT_KEYS = {  # PAPER.md §3's definitions as sort keys of the cells (r, c)
+    "column": lambda r, c: (c, r),
+    "diagonal": lambda r, c: (c - r, r),  # diagonals c - r upwards, each walked down
+    "snake": lambda r, c: (r + c, c if (r + c) % 2 == 0 else -c),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SORT_KEYS))
+def test_orderings_equal_their_definitions_on_every_grid_up_to_7x7(name):
+    for h in range(1, 8):  # wide and tall grids alike
+        for w in range(1, 8):
+            cells = sorted(((r, c) for r in range(h) for c in range(w)),
+                           key=lambda rc: SORT_KEYS[name](*rc))
+            assert order(name, h, w).tolist() == [r * w + c for r, c in cells], (h, w)
+
+
 def test_permute_puts_patch_perm_k_at_slot_k():
     # spiral is not its own inverse: applying argsort(perm) instead of perm would show here
     perm = order("spiral", 4, 4)
@@ -161,4 +177,7 @@ def test_check_perm_rejects_non_permutations():
         check_perm(torch.tensor([0, 1, 1]), 3)
     with pytest.raises(ValueError, match=r"shape \[\.\.\., 4\]"):
         check_perm(torch.arange(3), 4)
+    for wrong in (torch.arange(4.0), torch.arange(4, dtype=torch.int32)):  # not a LongTensor
+        with pytest.raises(ValueError, match="LongTensor"):
+            check_perm(wrong, 4)
     assert check_perm(torch.stack([order("row", 2, 2)] * 6).view(2, 3, 4), 4).shape == (2, 3, 4)

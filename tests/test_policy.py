@@ -58,6 +58,14 @@ def test_from_order_mode_gives_the_order_back(name):
         assert torch.equal(PlackettLuce.from_order(perm).mode(), perm)
 
 
+def test_from_order_sets_the_ramp_in_slot_order():
+    # s[perm[k]] = -k / (N - 1): the first slot's patch 0, the last's -1; perm is not its own
+    # inverse, so ramp[perm] (the released code) would put these values on other patches
+    perm = torch.tensor([2, 0, 4, 1, 3])
+    assert not torch.equal(perm.argsort(), perm)
+    assert PlackettLuce.from_order(perm).logits.tolist() == [-0.25, -0.75, 0.0, -1.0, -0.5]
+
+
 def test_tau_zero_returns_the_mode_without_sampling():
     policy = PlackettLuce.from_order(order("hilbert", 4, 4))
     perm, logp = policy.sample(3, 0.0)
@@ -94,6 +102,10 @@ def test_gumbel_noise_never_takes_log_of_zero(monkeypatch):
     monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor([[0.0, 1.0, 0.5]]))
     perm, logp = policy_with([0.0, 0.0, 0.0]).sample(1, 1.0)
     assert sorted(perm[0].tolist()) == [0, 1, 2] and torch.isfinite(logp).all()
+    # the noise stays finite (about -4.5 and +16), so logits 100 apart still decide the order;
+    # infinite noise would put patch 1 first and patch 0 last whatever the logits
+    perm, _ = policy_with([0.0, -100.0, 100.0]).sample(1, 1.0)
+    assert perm[0].tolist() == [2, 0, 1]
 
 
 def test_temperature_is_a_per_step_triangle():
@@ -143,6 +155,21 @@ def test_reinforce_loss_refuses_rewards_of_another_shape_than_the_log_probs():
     with pytest.raises(ValueError, match="one shape"):
         reinforce_loss(log_prob, torch.zeros(4, 1), 0.0)  # would broadcast to [4, 4]
 
+def test_reinforce_loss_sends_no_gradient_through_the_reward_or_the_baseline():
+    # a reward computed from a model without detaching it (-cross-entropy) must not train the
+    # model through the policy's loss: only log p gets a gradient, -(r - b) / K
+    log_prob = torch.zeros(2, requires_grad=True)
+    reward, baseline = torch.tensor([1.0, 3.0], requires_grad=True), torch.tensor(0.5)
+    reinforce_loss(log_prob, reward, baseline).backward()
+    assert log_prob.grad.tolist() == [-0.25, -1.25] and reward.grad is None
+
+
+def test_ema_baseline_weighs_the_old_value_by_the_momentum():
+    assert EMABaseline().momentum == 0.99  # the paper's
+    ema = EMABaseline(0.75)  # not 0.5: swapped weights would give the same numbers
+    assert [ema(r) for r in (4.0, 0.0, 8.0, 0.0)] == [4.0, 4.0, 3.0, 4.25]  # 0.75 old + 0.25 new
+
+
 def test_ema_baseline_follows_rewards_and_round_trips():
     ema = EMABaseline(0.5)
     assert ema(2.0) == 2.0  # first step: its own mean
@@ -155,5 +182,8 @@ def test_ema_baseline_follows_rewards_and_round_trips():
 
 def test_loo_baseline_is_the_mean_of_the_others():
     assert loo_baseline(torch.tensor([1.0, 2.0, 6.0])).tolist() == [4.0, 3.5, 1.5]
+    reward = torch.tensor([[1.0, 2.0, 6.0], [0.0, 4.0, 8.0]])  # [orders, images]
+    assert loo_baseline(reward, dim=1).tolist() == [[4.0, 3.5, 1.5], [6.0, 4.0, 2.0]]
+    assert loo_baseline(reward, dim=0).tolist() == [[0.0, 4.0, 8.0], [1.0, 2.0, 6.0]]
     with pytest.raises(ValueError, match="at least 2"):
         loo_baseline(torch.tensor([1.0]))

@@ -39,6 +39,62 @@ def test_streams_are_unigram_bytes_and_non_overlapping_bigram_symbols():
     assert uni == bytes([255, 1]) and bi == (255 * 256 + 1).to_bytes(2, "little")
 
 
+def test_each_image_is_scored_on_its_own_unigram_and_bigram_stream_in_each_order():
+    # the compression of each stream, computed by hand, in its column: unigram 0, bigram 1
+    rng = np.random.default_rng(0)
+    codes = np.repeat(rng.integers(0, 16, (2, 8)), 8, axis=1)  # [2 images, 64]: runs of 8
+    perms = np.stack([np.arange(64), reorder.order("spiral", 8, 8).numpy()])
+    got = prior.score_images((codes, perms, 16, 6))
+    for i, j in np.ndindex(2, 2):
+        for s, stream in enumerate(prior.streams(codes[i][perms[j]], 16)):
+            assert got[i, j, s] == 100.0 * (1.0 - prior.payload_bytes(stream) / len(stream))
+    assert (got[:, :, 0] != got[:, :, 1]).all()  # the two columns are told apart
+
+
+def test_the_table_is_the_mean_standard_error_and_rank_of_the_image_scores(monkeypatch):
+    # scores per image [4 images, 3 orders, 2 streams], fabricated: each column is its mean plus
+    # (0, 0, 0, 4) (unigram) or (0, 0, 0, 8) (bigram), whose standard errors are exactly 1 and 2
+    means = np.array([[10.0, 40.0], [20.0, 20.0], [30.0, 24.0]])  # a, b, c; scores 25, 20, 27
+    spread = np.array([0.0, 0.0, 0.0, 1.0])[:, None, None] * np.array([4.0, 8.0])
+    scores = iter(means - spread.mean(0) + spread)  # one image after another
+    monkeypatch.setattr(prior, "score_images", lambda job: np.stack([next(scores) for _ in job[0]]))
+    images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    orders = {name: torch.arange(4) for name in "abc"}
+    table = prior.compressibility(images, 4, orders, codebook=4, workers=1, progress=False)
+    rows = table["orders"]
+    for name, (uni, bi) in zip("abc", means):
+        assert rows[name]["unigram"] == pytest.approx(uni, rel=1e-12)
+        assert rows[name]["bigram"] == pytest.approx(bi, rel=1e-12)
+        assert rows[name]["score"] == pytest.approx((uni + bi) / 2, rel=1e-12)
+        assert rows[name]["unigram_se"] == pytest.approx(1.0, rel=1e-12)
+        assert rows[name]["bigram_se"] == pytest.approx(2.0, rel=1e-12)
+    # 1 = most compressible by the mean of both streams (by unigram alone: c, b, a)
+    assert [rows[name]["rank"] for name in "abc"] == [2, 3, 1]
+    assert prior.pick(table) == "b"
+
+
+def test_kmeans_finds_every_distinct_point_even_from_a_duplicated_start():
+    # 4 distinct vectors, 25 copies each: most seeds start two centres on copies of one vector,
+    # leaving a cluster empty; it must be re-seeded at the point worst served, and the centres
+    # must be the means (here the vectors themselves)
+    distinct = torch.tensor([[0.0, 0.0], [8.0, 0.0], [0.0, 8.0], [8.0, 8.0]])
+    points = distinct.repeat(25, 1)
+    for seed in range(5):
+        centres = prior.fit_codebook(points, 4, seed=seed)
+        assert sorted(centres.tolist()) == sorted(distinct.tolist()), seed
+    noise = torch.rand(200, 2, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(prior.fit_codebook(noise, 8, seed=0),
+                           prior.fit_codebook(noise, 8, seed=1))  # the seed is used
+
+
+def test_encode_gives_the_nearest_code_across_blocks():
+    codebook = 10.0 * torch.eye(4)
+    idx = torch.randint(4, (3, 7), generator=torch.Generator().manual_seed(0))
+    vectors = codebook[idx] + torch.rand(3, 7, 4, generator=torch.Generator().manual_seed(1))
+    for block in (65536, 5, 1):  # 21 vectors: one block, several with a short last one, one each
+        assert torch.equal(prior.encode(vectors, codebook, block=block), idx)
+
+
 def test_stripes_compress_best_in_the_order_that_repeats_whole_lines():
     # LZMA codes a repeat of a whole earlier line as one match. With rows constant, every column is
     # the same, so column order is one column followed by exact copies of it; row order is a run per

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -177,6 +178,154 @@ def test_each_order_is_rewarded_with_the_cross_entropy_of_the_model_under_it(
     assert len(got) == 4 and len(expected) == 12  # 4 learning steps of 12
     for want, reward in zip(expected[4:8], got):
         assert torch.allclose(reward, want, rtol=1e-6, atol=0)
+
+
+# ---- the policy's step and the epoch's numbers, called directly ---------------------------------
+
+def test_phase_follows_the_curriculum_step_by_step():
+    args = SimpleNamespace(learn_order=True, policy_start=1, policy_epochs=2, tau_max=0.2,
+                           fixed_tau=0.5)
+    stages = [train.phase(step, args, 4) for step in range(16)]
+    assert [stage for stage, _ in stages] == ["fixed"] * 4 + ["learn"] * 8 + ["finetune"] * 4
+    assert [tau for _, tau in stages] == [0.5] * 4 + [
+        reorder.triangle_tau(k, 8, 0.2) for k in range(8)] + [0.0] * 4
+
+
+def test_sample_orders_come_from_the_generator_in_the_shape_asked():
+    policy = reorder.PlackettLuce.from_order(reorder.order("row", 2, 2))
+
+    def draw(seed, images=None):
+        return train.sample_orders(policy, 3, 1.0, torch.Generator().manual_seed(seed), images)
+    assert draw(0).shape == (3, 4) and draw(0, 5).shape == (3, 5, 4)
+    assert torch.equal(draw(0, 5), draw(0, 5)) and not torch.equal(draw(0, 5), draw(1, 5))
+
+
+def log_p(s, perms, tau):
+    """log p(perm) under logits s / tau, the product formula written out: [K, N] -> [K]."""
+    z = s / tau
+    return torch.stack([sum(z[p[k]] - torch.logsumexp(z[p[k:]], 0) for k in range(len(p)))
+                        for p in perms])
+
+
+def test_policy_update_steps_along_the_gradient_at_the_sampling_temperature():
+    # SGD (lr 1) on -mean(A log p(perm; s / tau)), twice (the second from fresh gradients); at
+    # tau = 0.5 the step is not the one at tau = 1 (the released code's scoring); a gradient
+    # above norm 5 is clipped to 5
+    tau, perms = 0.5, torch.tensor([[2, 0, 1], [1, 2, 0]])
+    policy = reorder.PlackettLuce(3)
+    with torch.no_grad():
+        policy.logits.copy_(torch.tensor([0.3, -0.2, 0.5]))
+    policy_opt = train.policy_optimizer(policy, 1.0)
+    for scale, norm in ((1.0, None), (1.0, None), (100.0, 5.0)):
+        reward = torch.tensor([1.0, -1.0]) * scale
+        baseline = reorder.loo_baseline(reward)
+        s = policy.logits.detach().clone().requires_grad_()
+        grad = torch.autograd.grad(-((reward - baseline) * log_p(s, perms, tau)).mean(), s)[0]
+        assert (grad.norm() < 5) == (norm is None)  # norm 3.1 unclipped, 311 clipped
+        step = grad if norm is None else grad * norm / grad.norm()
+        log_prob = train.policy_update(policy, policy_opt, perms, tau, reward, baseline)
+        assert torch.allclose(log_prob, log_p(s, perms, tau).detach(), rtol=0, atol=1e-6)
+        assert torch.allclose(policy.logits.detach(), s.detach() - step, rtol=0, atol=1e-5)
+
+
+def reinforce_sees(monkeypatch, losses, granularity="batch", baseline="loo", reward="xent",
+                   logits=None, labels=None):
+    """train.reinforce on fabricated losses [K, B]: what it hands the policy, and its sums."""
+    seen = {}
+
+    def policy_update(policy, policy_opt, perm, tau, reward, baseline):
+        seen.update(reward=reward, baseline=baseline)  # log p: -2, -4, ..., mean -(K B + 1)
+        return -2.0 * torch.arange(1, reward.numel() + 1, dtype=torch.float64).view(reward.shape)
+    monkeypatch.setattr(train, "policy_update", policy_update)
+    K, B = losses.shape
+    args = SimpleNamespace(reward=reward, granularity=granularity, baseline=baseline)
+    state = {"policy": None, "policy_opt": None, "baseline": reorder.EMABaseline(0.75)}
+    progress = {"sums": {}}
+    logits = torch.zeros(K, B, 3) if logits is None else logits
+    train.reinforce(args, state, torch.zeros(K, 4, dtype=torch.long), 0.1, logits, losses,
+                    torch.zeros(B, dtype=torch.long) if labels is None else labels, progress)
+    return seen, {k: float(v) for k, v in progress["sums"].items()}
+
+
+LOSSES = torch.tensor([[0.5, 1.5], [4.0, 6.0], [3.0, 3.0]])  # K = 3 orders x B = 2 images
+
+
+def test_reinforce_rewards_each_order_and_baselines_it_with_the_other_orders(monkeypatch):
+    # one order per batch: rewards -1, -5, -3 (the images' mean), leave-one-out over the orders
+    seen, sums = reinforce_sees(monkeypatch, LOSSES)
+    assert seen["reward"].tolist() == [-1.0, -5.0, -3.0]
+    assert seen["baseline"].tolist() == [-4.0, -2.0, -3.0]
+    # the trained order's reward and its square, the orders' spread (std), -mean log p
+    assert sums == {"reward": -1.0, "reward_sq": 1.0, "spread": 2.0, "neg_logp": 4.0,
+                    "policy_steps": 1}
+    # one order per image: an image's orders are compared with each other, not with other images
+    seen, sums = reinforce_sees(monkeypatch, LOSSES, granularity="image")
+    assert seen["reward"].tolist() == (-LOSSES).tolist()
+    assert seen["baseline"].tolist() == [[-3.5, -4.5], [-1.75, -2.25], [-2.25, -3.75]]
+    assert sums == {"reward": -1.0, "reward_sq": 1.0, "spread": 2.0, "neg_logp": 7.0,
+                    "policy_steps": 1}
+
+
+def test_reinforce_with_one_order_uses_the_ema_or_the_other_images(monkeypatch):
+    seen, sums = reinforce_sees(monkeypatch, torch.tensor([[1.0, 3.0]]), baseline="ema")
+    assert seen["reward"].tolist() == [-2.0] and float(seen["baseline"]) == -2.0  # first step
+    assert sums == {"reward": -2.0, "reward_sq": 4.0, "spread": 0.0, "neg_logp": 2.0,
+                    "policy_steps": 1}
+    # binary rewards: +1 right, -1 wrong (argmax 0 1 2 0 against labels 0 2 2 1)
+    logits = torch.eye(3)[torch.tensor([[0, 1, 2, 0]])]  # [1, 4, 3]
+    seen, _ = reinforce_sees(monkeypatch, torch.zeros(1, 4), "image", "loo", "binary", logits,
+                             torch.tensor([0, 2, 2, 1]))
+    assert seen["reward"].tolist() == [[1.0, -1.0, 1.0, -1.0]]
+    assert torch.allclose(seen["baseline"], torch.tensor([[-1.0, 1.0, -1.0, 1.0]]) / 3)
+
+
+def test_mean_over_ranks_is_the_mean_of_every_ranks_values(monkeypatch):
+    monkeypatch.setattr(train, "WORLD", 2)  # the other rank holds 3, 1
+    monkeypatch.setattr(train.dist, "all_reduce", lambda t, **k: t.add_(torch.tensor([3.0, 1.0])))
+    t = torch.tensor([1.0, -3.0])
+    assert train.mean_over_ranks(t) is t and t.tolist() == [2.0, -1.0]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_epoch_record_derives_its_numbers_from_the_epochs_sums(monkeypatch, world):
+    # two ranks with the same sums (all_reduce doubles them) log what one rank logs
+    monkeypatch.setattr(train, "WORLD", world)
+    monkeypatch.setattr(train.dist, "all_reduce", lambda t, **k: t.mul_(2))
+    args = SimpleNamespace(learn_order=True, policy_start=1, policy_epochs=2, tau_max=0.2,
+                           fixed_tau=0.5)
+    start, now = reorder.order("spiral", 3, 3), reorder.order("snake", 3, 3)
+
+    def record(epoch, sums):
+        return train.epoch_record({"epoch": epoch, "sums": sums, "changed": {}}, args, 4, 50.0,
+                                  75.0, 1e-3, now, start, torch.device("cpu"), 1.0)
+    # 4 learning steps: per step reward -1.5, reward² 6.25 (batch noise sqrt(6.25 - 2.25) = 2)
+    line = record(1, {"loss": 12.0, "correct": 6, "images": 16, "tau": 0.75, "steps": 4,
+                      "policy_steps": 4, "reward": -6.0, "reward_sq": 25.0, "neg_logp": 10.0,
+                      "spread": 2.0})
+    assert {k: line[k] for k in ("phase", "train_loss", "train_top1", "tau", "reward", "entropy",
+                                 "order_spread", "batch_noise")} == {
+        "phase": "learn", "train_loss": 0.75, "train_top1": 37.5, "tau": 0.1875, "reward": -1.5,
+        "entropy": 2.5, "order_spread": 0.5, "batch_noise": 2.0}
+    # the mean number of slots a patch moved: snake's slot of each patch against spiral's
+    moved = [abs(list(now).index(p) - list(start).index(p)) for p in range(9)]
+    assert line["order_shift"] == pytest.approx(sum(moved) / 9, rel=1e-6)
+    assert sum(moved) == 24  # not the ids' difference (20), not argsort against ids (22)
+    line = record(0, {"loss": 4.0, "correct": 1, "images": 8, "tau": 1.0, "steps": 2})
+    assert (line["phase"], line["tau"], line["reward"], line["batch_noise"]) == (
+        "fixed", 0.5, None, None)
+
+
+def test_model_step_clips_the_gradient_to_clip_and_returns_the_norm_before():
+    torch.manual_seed(0)
+    model = reorder.ViT(reorder.vit_config("tiny", img_size=8, patch_size=4, dim=8, heads=2,
+                                           depth=1))
+    perms = torch.stack([reorder.order("row", 2, 2), reorder.order("column", 2, 2)])
+    _, _, _, norm = train.model_step(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                     torch.amp.GradScaler("cpu", enabled=False),
+                                     torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), perms, None,
+                                     1e-3)
+    after = torch.stack([p.grad.norm() for p in model.parameters()]).norm()
+    assert norm > 0.1 and after == pytest.approx(1e-3, rel=1e-4)
 
 
 @pytest.mark.parametrize("baseline", ["loo", "ema"])
