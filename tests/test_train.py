@@ -66,6 +66,16 @@ def test_learn_order_passes_through_all_three_phases(tmp_path, granularity, orde
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_only_the_learning_phase_runs_the_model_on_several_orders(tmp_path, monkeypatch):
+    # K orders cost K forward passes: before and after learning one order (here a --fixed-tau
+    # sample around the start) is all the classifier needs
+    shapes, model_step = [], train.model_step
+    monkeypatch.setattr(train, "model_step",
+                        lambda *a: shapes.append(tuple(a[5].shape)) or model_step(*a))
+    run(tmp_path, "--epochs", "3", "--learn-order", "--fixed-tau", "0.3", "--orders-per-step", "3")
+    assert shapes == [(1, 16)] * 8 + [(3, 16)] * 8 + [(1, 16)] * 8
+
+
 def test_one_image_batches_with_an_order_per_image_keep_the_image_axis(tmp_path):
     # a batch of one image once lost its image axis: [K] log-probs met [K, 1] rewards, which
     # broadcast to [K, K] and cancel the gradient; reinforce_loss now refuses unequal shapes
