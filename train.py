@@ -214,17 +214,40 @@ def epoch_record(progress, args, steps_per_epoch, top1, top5, lr, order_now, sta
             for k, v in record.items()}
 
 
+def say_epoch(h, order_now, start_perm, classes, pairs):
+    """Print the epoch's line; on a known-answer task (its `pairs`) count the partners side by
+    side into the record first."""
+    if pairs is not None:
+        h["side_by_side"] = data.side_by_side(order_now, pairs)
+    if WRITER:
+        print(f"epoch {h['epoch']} {h['phase']}: train loss {h['train_loss']:.4f}, val top-1 "
+              f"{h['val_top1']:.2f}" + (f" top-5 {h['val_top5']:.2f}" if classes >= 5 else "") +
+              f", tau {h['tau']:.3f}, " + (f"partners side by side {h['side_by_side']}/"
+              f"{len(pairs)} (start {data.side_by_side(start_perm, pairs)}), "
+              if pairs is not None else "") +
+              f"order shift {h['order_shift']:.2f}, {h['seconds']:.1f} s", flush=True)
+
+
+def say_known_answer(order, start_perm, pairs, h):
+    """The run's last line on a known-answer task: is every partner side by side?"""
+    side = data.side_by_side(order, pairs)
+    if WRITER:
+        print(f"known answer {'reached' if side == len(pairs) else 'not reached'}: {side} of "
+              f"{len(pairs)} partners side by side (start {data.side_by_side(start_perm, pairs)})"
+              f", val top-1 {h['val_top1']:.2f}%")
+
+
 # --------------------------------------------------------------------------------------------------
 # Input checked before anything is written; the run folder and its checkpoint
 # --------------------------------------------------------------------------------------------------
 
 @contextmanager
-def usage_errors(what=None, errors=(ValueError,)):
-    """`errors` as one line: reorder.py's ValueErrors as they are, or "what (the error)"."""
+def usage_errors():
+    """reorder.py's ValueErrors (its checks of sizes, orders and windows) as one line."""
     try:
         yield
-    except errors as e:
-        raise UsageError(f"{what} ({data.one_line(e)})" if what else str(e)) from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def check_inputs(args):
@@ -684,26 +707,15 @@ def train(args):
                 progress, args, steps_per_epoch, top1, top5, scheduler.get_last_lr()[0],
                 order_now, start_perm, device, time.time() - t0))
             progress.update(epoch=epoch + 1, done_in_epoch=0, sums={}, changed={})
-            due, h = "epoch", progress["history"][-1]
-            if pairs is not None:
-                h["side_by_side"] = data.side_by_side(order_now, pairs)
-            if WRITER:
-                print(f"epoch {epoch} {h['phase']}: train loss {h['train_loss']:.4f}, val top-1 "
-                      f"{top1:.2f}" + (f" top-5 {top5:.2f}" if classes >= 5 else "") +
-                      f", tau {h['tau']:.3f}, " + (f"partners side by side {h['side_by_side']}/"
-                      f"{len(pairs)} (start {data.side_by_side(start_perm, pairs)}), "
-                      if pairs is not None else "") +
-                      f"order shift {h['order_shift']:.2f}, {h['seconds']:.1f} s", flush=True)
+            due = "epoch"
+            say_epoch(progress["history"][-1], order_now, start_perm, classes, pairs)
         if due:  # the last epoch: there is no later step to wait for
             save(args.out, checkpoint(state, meta, progress, rng_state(device, policy_gen)), grid,
                  current_order(), pairs)
         elif WRITER:
             print(f"{args.out}: the run is complete ({args.epochs} epochs)")
-        if pairs is not None and WRITER:  # the known answer: every partner side by side
-            side, last = data.side_by_side(current_order(), pairs), progress["history"][-1]
-            print(f"known answer {'reached' if side == len(pairs) else 'not reached'}: {side} of "
-                  f"{len(pairs)} partners side by side (start "
-                  f"{data.side_by_side(start_perm, pairs)}), val top-1 {last['val_top1']:.2f}%")
+        if pairs is not None:
+            say_known_answer(current_order(), start_perm, pairs, progress["history"][-1])
     return {"out": args.out, "history": progress["history"], "order": current_order().cpu(),
             "policy_logits": policy.logits.detach().cpu() if policy is not None else None}
 
@@ -839,7 +851,12 @@ def parse_args(argv=None):
     a("--quiet", action="store_true", help="no progress bars")
     a("--draw-orders", metavar="PNG", help="only draw the orderings (and --order if a file) on "
                                            "the grid of --img-size / --patch into one PNG")
-    args, e = ap.parse_args(argv), ap.error
+    return settle(ap.parse_args(argv), ap.error)
+
+
+def settle(args, e):
+    """The defaults that depend on other flags, and the checks across flags (`e`: one line, exit
+    status 2)."""
     args.baseline = args.baseline or ("ema" if args.orders_per_step == 1 else "loo")
     if "mamba" in args.mixer and args.window != "auto":
         e(f"--window does not apply to --mixer {args.mixer} (a scan reads the whole sequence)")
