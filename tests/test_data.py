@@ -157,6 +157,44 @@ def write_idx(path, array):
         f.write(header + array.astype(np.uint8).tobytes())
 
 
+def test_fashion_mnist_is_padded_to_32_pixels_and_keeps_its_own(tmp_path):
+    images = np.random.default_rng(0).integers(1, 256, (3, 28, 28))
+    for prefix in ("train", "t10k"):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.array([3, 1, 4]))
+    image, label = data.build_dataset("fashion-mnist", str(tmp_path), "train", 32)[1]
+    mean, std = data.MEAN_STD["fashion-mnist"]
+    want = torch.zeros(32, 32)
+    want[2:30, 2:30] = torch.tensor(images[1], dtype=torch.float) / 255  # 2 pixels each side
+    assert label == 1 and torch.allclose(image[0] * std[0] + mean[0], want, rtol=0, atol=1e-6)
+
+
+def test_flips_are_horizontal_half_of_them_and_new_each_epoch():
+    images = data.SyntheticImages(64, 8)
+    flipped = data.Flipped(images, seed=3)
+
+    def flips(epoch):
+        flipped.epoch, out = epoch, []
+        for i in range(len(images)):
+            (x, y), (x0, y0) = flipped[i], images[i]
+            assert y == y0 and (torch.equal(x, x0) or torch.equal(x, x0.flip(-1)))
+            out.append(not torch.equal(x, x0))
+        return out
+    first = flips(0)
+    assert 16 < sum(first) < 48 and flips(1) != first and flips(0) == first
+
+
+def test_a_subset_is_the_same_images_for_every_seed(tmp_path):
+    for prefix in ("train", "t10k"):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", np.zeros((40, 28, 28)))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(40) % 10)
+
+    def kept(seed):
+        return data.build_dataset("fashion-mnist", str(tmp_path), "train", 28, augment=True,
+                                  seed=seed, subset=10).dataset.indices
+    assert kept(1) == kept(2) and sorted(kept(1)) != list(range(10))
+
+
 class FakeFashionMNIST:
     """torchvision.datasets.FashionMNIST's download, offline: writes the four IDX files into
     root/FashionMNIST/raw, as the real one does."""
