@@ -193,9 +193,9 @@ class SafeImageFolder(Dataset):
         self.classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
         for label, name in enumerate(self.classes):
             for folder, folders, files in sorted(os.walk(os.path.join(root, name))):
-                linked = [f for f in folders if os.path.islink(os.path.join(folder, f))]
-                images = [f for f in files if f.lower().endswith(IMG_EXTENSIONS)]
-                for f in sorted(linked + images):
+                linked = {f for f in folders if os.path.islink(os.path.join(folder, f))}
+                images = {f for f in files if f.lower().endswith(IMG_EXTENSIONS)}
+                for f in sorted(linked | images):
                     path = os.path.join(folder, f)
                     if f in images and os.path.isfile(path):  # a link to an image is read
                         self.samples.append((path, label))
@@ -585,10 +585,11 @@ def draw_orders(path, grid, orders, columns=4, pairs=None):
         centre = [(x0 + (p % w) * cell + cell // 2, y0 + 16 + (p // w) * cell + cell // 2)
                   for p in range(h * w)]
         pen.line([centre[p] for p in perm.tolist()], fill="white", width=max(1, cell // 10))
-        dot, slots = max(2, cell // 4), perm.argsort()
+        dot = max(2, cell // 4)
+        near = [] if pairs is None else (slot_gaps(perm, pairs) == 1).tolist()
         for i, pair in enumerate([] if pairs is None else pairs.tolist()):
             colour = PAIR_COLOURS[i % len(PAIR_COLOURS)]
-            if abs(int(slots[pair[0]] - slots[pair[1]])) == 1:  # side by side in this order
+            if near[i]:  # side by side in this order
                 (ax, ay), (bx, by) = centre[pair[0]], centre[pair[1]]
                 side = cell / 5 * (1 if pair[0] // w % 2 else -1) / math.hypot(bx - ax, by - ay)
                 shift = (side * (ay - by), side * (bx - ax))  # beside the path, not on it

@@ -137,7 +137,8 @@ def reinforce(args, state, perms, tau, logits, losses, labels, progress):
     if len(perms) > 1:  # leave-one-out over the K orders: the images' noise cancels
         baseline = reorder.loo_baseline(reward, dim=0)
     elif args.baseline == "ema":  # the paper's estimator, over every rank's images
-        baseline = state["baseline"](mean_over_ranks(reward.mean().double()))
+        mean = reward.mean().double()  # an order per batch: already a mean over the ranks
+        baseline = state["baseline"](mean if args.granularity == "batch" else mean_over_ranks(mean))
     else:  # one order per image, leave-one-out over the images
         baseline = reorder.loo_baseline(reward, dim=1)
     log_prob = policy_update(state["policy"], state["policy_opt"], perms, tau, reward, baseline)
@@ -185,9 +186,10 @@ def evaluate(model, loader, perm, device, dtype):
 
 
 def epoch_record(progress, args, steps_per_epoch, top1, top5, lr, order_now, start_perm, device,
-                 seconds):
-    """The epoch's line of metrics.jsonl, from the sums over every rank's images; a value that
-    is not finite is written as null (strict JSON)."""
+                 seconds, pairs=None):
+    """The epoch's line of metrics.jsonl, from the sums over every rank's images (on a
+    known-answer task, its `pairs`, also the partners side by side); a value that is not finite
+    is written as null (strict JSON)."""
     s, n = progress["sums"], progress["sums"].get("policy_steps", 0)
     policy_keys = ("reward", "reward_sq", "neg_logp", "spread")
     totals = torch.stack([torch.as_tensor(s.get(k, 0.0), dtype=torch.float64, device=device)
@@ -210,15 +212,14 @@ def epoch_record(progress, args, steps_per_epoch, top1, top5, lr, order_now, sta
         # mean number of slots a patch has moved since the start; argsort(perm) = each slot
         "order_shift": (order_now.argsort() - start_perm.argsort()).abs().float().mean().item(),
         "changed": progress["changed"], "seconds": seconds}
+    if pairs is not None:
+        record["side_by_side"] = data.side_by_side(order_now, pairs)
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v
             for k, v in record.items()}
 
 
-def say_epoch(h, order_now, start_perm, classes, pairs):
-    """Print the epoch's line; on a known-answer task (its `pairs`) count the partners side by
-    side into the record first."""
-    if pairs is not None:
-        h["side_by_side"] = data.side_by_side(order_now, pairs)
+def say_epoch(h, start_perm, classes, pairs):
+    """The epoch's line on the terminal (on a known-answer task, its partners side by side)."""
     if WRITER:
         print(f"epoch {h['epoch']} {h['phase']}: train loss {h['train_loss']:.4f}, val top-1 "
               f"{h['val_top1']:.2f}" + (f" top-5 {h['val_top5']:.2f}" if classes >= 5 else "") +
@@ -447,8 +448,8 @@ def checkpoint(state, meta, progress, rng):
     its images), so the checkpoint holds every rank's: [world] dicts."""
     sums = [{k: float(v) for k, v in progress["sums"].items()}]
     if WORLD > 1:
-        sums = [None] * WORLD
-        dist.all_gather_object(sums, {k: float(v) for k, v in progress["sums"].items()})
+        own, sums = sums[0], [None] * WORLD
+        dist.all_gather_object(sums, own)
     return {**{k: v.state_dict() for k, v in state.items()}, **meta,
             "progress": {**progress, "sums": sums}, "rng": rng}
 
@@ -477,12 +478,10 @@ def save(out, ckpt, grid, order_now=None, pairs=None):
         if pairs is not None:  # how many partners each order puts side by side
             orders = {f"{title}, {data.side_by_side(perm, pairs)}/{len(pairs)} side by side":
                       perm for title, perm in orders.items()}
-        for name, draw in (("order.png", lambda f: data.draw_orders(f, grid, orders,
-                                                                     pairs=pairs)),
-                           ("curve.png", lambda f: data.draw_curve(f, history, len(
-                               pairs) if pairs is not None else 0))):
-            with data.atomic_path(os.path.join(out, name)) as f:
-                draw(f)
+        with data.atomic_path(os.path.join(out, "order.png")) as f:
+            data.draw_orders(f, grid, orders, pairs=pairs)
+        with data.atomic_path(os.path.join(out, "curve.png")) as f:
+            data.draw_curve(f, history, 0 if pairs is None else len(pairs))
     data.atomic_save(buffer.getvalue(), os.path.join(out, "last.pt"))
 
 
@@ -705,10 +704,10 @@ def train(args):
             top1, top5 = evaluate(net, val_loader, order_now, device, dtype)
             progress["history"].append(epoch_record(
                 progress, args, steps_per_epoch, top1, top5, scheduler.get_last_lr()[0],
-                order_now, start_perm, device, time.time() - t0))
+                order_now, start_perm, device, time.time() - t0, pairs))
             progress.update(epoch=epoch + 1, done_in_epoch=0, sums={}, changed={})
             due = "epoch"
-            say_epoch(progress["history"][-1], order_now, start_perm, classes, pairs)
+            say_epoch(progress["history"][-1], start_perm, classes, pairs)
         if due:  # the last epoch: there is no later step to wait for
             save(args.out, checkpoint(state, meta, progress, rng_state(device, policy_gen)), grid,
                  current_order(), pairs)
