@@ -71,7 +71,8 @@ import sweep  # noqa: E402
 import test_scan  # noqa: E402
 import train  # noqa: E402
 
-RESULTS = os.path.join(sweep.ROOT, "docs", "results.md")
+RESULTS = os.path.realpath(os.path.join(sweep.ROOT, "docs", "results.md"))
+DRY_RUN = "CPU (dry run)"  # the device named in a dry run's report
 MIXERS = {"window ±2": dict(mixer="window", window=2), "full": dict(window=None),
           "causal": dict(mixer="causal", window=None), "causal ±2": dict(mixer="causal", window=2),
           "mamba": dict(mixer="mamba"), "bimamba": dict(mixer="bimamba")}
@@ -528,23 +529,23 @@ def docs(report_path, results_path):
     named; a part that measured nothing keeps its block. Returns the new text."""
     with open(report_path) as f:
         report = json.load(f)
+    if report["device"] == DRY_RUN and os.path.realpath(results_path) == RESULTS:
+        raise ValueError(f"{report_path} is a dry run's: its numbers say nothing about a GPU")
     with open(results_path) as f:
         text = f.read()
     calls = report["calls"]
-    for part in PARTS:
-        begin, end = f"<!-- gpu_check: {part} -->\n", "<!-- gpu_check: end -->"
-        if text.count(begin) != 1:
-            raise ValueError(f"{results_path} has {text.count(begin)} lines {begin.strip()}, "
-                             f"not one")
+    for part in PARTS:  # markers are whole lines
+        begin, end = f"\n<!-- gpu_check: {part} -->\n", "\n<!-- gpu_check: end -->\n"
+        if text.count(begin) != 1 or end not in text.split(begin)[-1]:
+            raise ValueError(f"{results_path} needs one line {begin.strip()} and a line "
+                             f"{end.strip()} after it")
         if not report["parts"][part]["rows"]:
             continue
         block = [f"Measured by `python tests/gpu_check.py --all` on **{report['device']}** "
                  f"(torch {report['torch']}), {len(calls)} call(s) from {calls[0]['started']}, "
                  f"{sum(c['wall_s'] for c in calls)} s in all:", ""] + part_markdown(report, part)
         head, rest = text.split(begin)
-        if end not in rest:
-            raise ValueError(f"{results_path}: {begin.strip()} has no {end} after it")
-        text = head + begin + "\n".join(block) + "\n" + end + rest.split(end, 1)[1]
+        text = head + begin + "\n".join(block) + end + rest.split(end, 1)[1]
     return text
 
 
@@ -580,7 +581,7 @@ def main(argv=None):
                                          "no CUDA device here (--device cpu: the dry run)"),
               file=sys.stderr)
         return 2
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else DRY_RUN
     try:
         os.makedirs(args.out, exist_ok=True)
         report = Report(args.out, name, args.budget_s,
