@@ -56,6 +56,8 @@ import tempfile
 import time
 from unittest import mock
 
+STARTED = time.time()  # --budget-s counts from here, the imports included
+
 # the dry run runs the Triton kernels under Triton's interpreter, which triton reads when it is
 # first imported (reorder.py imports it)
 if any(a in ("cpu", "--device=cpu") for a in sys.argv):
@@ -112,7 +114,7 @@ class Report:
     written (atomically) as it is measured; a row marked done is not measured again."""
 
     def __init__(self, out, device_name, budget_s, argv):
-        self.path, self.t0, self.budget_s = os.path.join(out, "report.json"), time.time(), budget_s
+        self.path, self.t0, self.budget_s = os.path.join(out, "report.json"), STARTED, budget_s
         if os.path.exists(self.path):
             with open(self.path) as f:
                 self.data = json.load(f)
@@ -528,7 +530,10 @@ def docs(report_path, results_path):
     `<!-- gpu_check: end -->`, replaced by the part's table from report.json with the device
     named; a part that measured nothing keeps its block. Returns the new text."""
     with open(report_path) as f:
-        report = json.load(f)
+        try:
+            report = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{report_path} is not a report.json: {e}")
     if report["device"] == DRY_RUN and os.path.realpath(results_path) == RESULTS:
         raise ValueError(f"{report_path} is a dry run's: its numbers say nothing about a GPU")
     with open(results_path) as f:
