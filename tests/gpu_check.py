@@ -88,7 +88,7 @@ IMAGENET = (1_281_167, 50_000)  # training, validation images
 # [4 x batch, 197, 192, 16] per layer on the torch path: batch 64 lets 8 runs share one GPU
 EVIDENCE = dict(img_size=112, patch=8, dim=192, depth=6, heads=3, subset=2000, val_subset=1000,
                 epochs=20, batch_size=64, lr=1e-3, warmup_epochs=1)
-EVIDENCE_TINY = dict(img_size=28, patch=7, dim=16, depth=1, heads=2, subset=64, val_subset=32,
+EVIDENCE_TINY = dict(img_size=28, patch=7, dim=16, depth=2, heads=2, subset=64, val_subset=32,
                      epochs=4, batch_size=16, lr=3e-3, warmup_epochs=1)
 # seconds a row takes on one H100 / H200, guessed (from the H200 run of issue 23 where one exists)
 ESTIMATE = dict(mixer=10, policy=2, scan=20, speed=40, paper=60, graphs=40, eager=90, evidence=60)
@@ -487,7 +487,7 @@ def evidence(report, device, root, tiny, parallel):
     os.makedirs(runs, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1" if device.type == "cpu" else "2"}
     running, stopping = {}, None
-    while waiting or running:
+    while running or (waiting and stopping is None):
         while waiting and len(running) < parallel and stopping is None:
             job = waiting.pop(0)
             run_dir = sweep.flag(job[4], "--out")

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -143,3 +144,25 @@ def test_dry_run_killed_then_resumed_measures_every_part_once(tmp_path):
     assert gpu_check.main(["--docs", str(out / "report.json"), "--results", str(results)]) is None
     filled, _ = blocks(results.read_text())
     assert all(f"on **{gpu_check.DRY_RUN}**" in filled[p] for p in gpu_check.PARTS)
+
+
+@pytest.mark.slow
+def test_evidence_stops_its_runs_at_the_budget_and_lists_the_rest(tmp_path, monkeypatch):
+    # three runs, one at a time; the budget runs out once the first has started: it is stopped
+    # (SIGTERM), the other two are listed as not started, and the part ends
+    runs = [("plateau-fixed", "causal", "row", s, ["--data", "synthetic", "--subset", "64",
+                                                   "--epochs", "4", "--quiet", "--out",
+                                                   str(tmp_path / "runs" / f"r{s}")])
+            for s in range(3)]
+    monkeypatch.setattr(gpu_check, "evidence_jobs", lambda *a: runs)
+    report = gpu_check.Report(str(tmp_path), gpu_check.DRY_RUN, 480, ["tests/gpu_check.py"])
+    left = iter([100.0] * 2)  # enough to start, then 10 s left (less than the 30 to stop in)
+    monkeypatch.setattr(report, "left", lambda: next(left, 10.0))
+    part = threading.Thread(target=gpu_check.evidence, daemon=True,
+                            args=(report, gpu_check.torch.device("cpu"), None, True, 1))
+    part.start()
+    part.join(timeout=120)
+    assert not part.is_alive()  # it ends
+    status = [r["cells"][4] for r in report.data["parts"]["evidence"]["rows"]]
+    assert status == ["stopped", "not started", "not started"]
+    assert not any(r["done"] for r in report.data["parts"]["evidence"]["rows"])
