@@ -16,7 +16,7 @@ Groups (each a set of train.py runs, one thread each; the budgets are FMNIST and
   plateau     PLATEAU: a budget where val top-1 stops moving; row, column, spiral (--orders) for
               causal and bimamba (--mixers); plateau-reorder: REOrder at the paper's 15/30/55 from
               the worst (PLATEAU_START) and its frozen-policy control (docs/results.md, the plateau;
-              the same at 196 patches on a GPU: tests/plateau.py)
+              the same at 196 patches on a GPU: tests/gpu_check.py --all, its evidence part)
 Seeds are blocks: every order of a mixer runs with the same seeds (same initial weights, same
 batches), so orders are compared within a seed. A finished run (metrics.jsonl has every epoch) is
 not run again and an interrupted one is resumed, so the sweep can be stopped and restarted.
@@ -274,7 +274,6 @@ def mean_std(values):
 # --------------------------------------------------------------------------------------------------
 
 def report(rows, out, figure=None, estimators=True):
-    import plateau  # tests/plateau.py: the plateau groups' tables and picture
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         keys = ["group", "mixer", "order", "seed", "val_top1", "seconds", "order_shift",
                 "pair_distance", "pairs_in_reach", "train_top1", "last20_change", "last20_trend",
@@ -351,7 +350,7 @@ def report(rows, out, figure=None, estimators=True):
                       "|---|---:|---:|---:|---:|"]
             lines += [f"| {n} | {d:.2f} | {r:.2f} | {loss:.4f} | {acc:.1f} |"
                       for n, d, r, loss, acc in sensitivity(run_dir, "neighbours")]
-    lines += plateau.tables(rows)
+    lines += plateau_tables(rows)
     if estimators:
         lines += ["", "The estimator and the optimizer alone (no model; 3 seeds):", ""]
         lines += estimator_table()
@@ -361,8 +360,120 @@ def report(rows, out, figure=None, estimators=True):
     if figure and mixers:
         draw_results(rows, mixers, figure)
     if figure and any(r["group"].startswith("plateau-") for r in rows):
-        plateau.draw_curves(rows, os.path.join(os.path.dirname(figure), "plateau.png"))
+        draw_plateau(rows, os.path.join(os.path.dirname(figure), "plateau.png"))
     return text
+
+
+def plateau_tables(rows):
+    """The plateau budget's tables: every cell with its last-20% movement, the order effect of
+    the fixed orders, and REOrder against its start and against its frozen-policy control."""
+    sel = [r for r in rows if r["group"].startswith("plateau-")]
+    mixers = [m for m in dict.fromkeys(r["mixer"] for r in sel)]
+    if not sel:
+        return []
+    lines = ["", "Plateau budget: final val top-1 (%), mean ± std over seeds; over the last 20% "
+             "of epochs, change = val top-1 at the end minus at their start, trend = the same "
+             "read off a straight line fitted through them (each: mean over seeds, and the "
+             "largest |value|), range = max − min (largest over seeds); train top-1 at the end.",
+             "", "| mixer | run | val top-1 (n) | change | max abs change | trend | max abs trend "
+             "| max range | train top-1 |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in mixers:
+        for group in ("plateau-fixed", "plateau-reorder", "plateau-frozen"):
+            for o in (o for o in reorder.ORDERS if table(sel, group, m).get(o)):
+                c = [r for r in sel if (r["group"], r["mixer"], r["order"]) == (group, m, o)]
+                kind = {"plateau-fixed": "fixed", "plateau-reorder": "REOrder from",
+                        "plateau-frozen": "frozen policy from"}[group]
+                change = [r["last20_change"] for r in c]
+                trend = [r["last20_trend"] for r in c]
+                top1 = mean_std([r["val_top1"] for r in c])
+                lines.append(
+                    f"| {m} | {kind} {o} | {top1} (n={len(c)}) | "
+                    f"{statistics.mean(change):+.2f} | {max(map(abs, change)):.2f} | "
+                    f"{statistics.mean(trend):+.2f} | {max(map(abs, trend)):.2f} | "
+                    f"{max(r['last20_range'] for r in c):.2f} | "
+                    f"{statistics.mean(r['train_top1'] for r in c):.2f} |")
+    lines += ["", "Fixed orders at the plateau budget, best to worst (mean over the seeds that "
+              "ran every order); p = within-seed permutation test; MDE = 2.8 × noise × "
+              "√(2 / seeds).", "",
+              "| mixer | seeds | ranking | spread | noise | p | MDE |",
+              "|---|---:|---|---:|---:|---:|---:|"]
+    for m in mixers:
+        cells = table(sel, "plateau-fixed", m)
+        blocks = complete_blocks(cells)
+        if len(blocks) >= 2 and len(cells) >= 2:
+            spread, noise, p = order_effect(blocks)
+            means = dict(zip(sorted(cells), (statistics.mean(c) for c in zip(*blocks))))
+            rank = " > ".join(f"{o} {v:.2f}" for o, v in sorted(means.items(), key=lambda x: -x[1]))
+            lines.append(f"| {m} | {len(blocks)} | {rank} | {spread:.2f} | {noise:.2f} | "
+                         f"{p_text(p)} | {2.8 * noise * math.sqrt(2 / len(blocks)):.2f} |")
+    lines += ["", "REOrder at the paper's proportions, paired by seed: mean difference, sign-flip "
+              "p (exact; with n pairs it cannot go below 2 / 2^n), pairs above 0, and the MDE of "
+              "a paired difference (2.8 × std of the differences / √n).", "",
+              "| mixer | comparison | difference | p | above 0 | MDE |",
+              "|---|---|---:|---:|---:|---:|"]
+    for m, start in dict.fromkeys((r["mixer"], r["order"]) for r in sel
+                                  if r["group"] == "plateau-reorder"):
+        for a, b in (("reorder", "fixed"), ("reorder", "frozen"), ("frozen", "fixed")):
+            x, y = (table(sel, f"plateau-{g}", m).get(start, {}) for g in (a, b))
+            d = [x[s] - y[s] for s in sorted(set(x) & set(y))]
+            if d:
+                mde = 2.8 * statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else math.nan
+                name = {"reorder": "REOrder", "fixed": f"fixed {start}", "frozen": "frozen"}
+                p = p_text(sign_flip_test(d))
+                lines.append(f"| {m} | {name[a]} − {name[b]} | {statistics.mean(d):+.2f} | {p} | "
+                             f"{sum(v > 0 for v in d)} of {len(d)} | {mde:.2f} |")
+    return lines
+
+
+def draw_plateau(rows, path):
+    """One PNG: a panel per mixer of the plateau budget, val top-1 per epoch, mean over seeds,
+    a line per fixed order, REOrder (thick) and its frozen-policy control (thin) in black/grey."""
+    from PIL import Image, ImageDraw
+    sel = [r for r in rows if r["group"].startswith("plateau-")]
+    mixers = list(dict.fromkeys(r["mixer"] for r in sel))
+    lines = {}
+    for r in sel:
+        lines.setdefault((r["mixer"], r["group"], r["order"]), []).append(r["curve"])
+    curves = {k: [statistics.mean(v) for v in zip(*c)] for k, c in lines.items()}
+    values = [v for c in curves.values() for v in c[len(c) // 5:]]
+    lo, hi = 5 * math.floor(min(values) / 5), 5 * math.ceil(max(values) / 5)
+    pw, ph, top, left = 360, 280, 40, 46
+    sheet = Image.new("RGB", (len(mixers) * (pw + 20) + left, ph + top + 70), "white")
+    pen = ImageDraw.Draw(sheet)
+    colours = {"row": (31, 119, 180), "column": (44, 160, 44), "hilbert": (148, 103, 189),
+               "spiral": (214, 39, 40), "diagonal": (140, 86, 75), "snake": (227, 119, 194)}
+    for k, m in enumerate(mixers):
+        x0 = left + k * (pw + 20)
+        epochs = max(len(c) for (mm, _, _), c in curves.items() if mm == m)
+        pen.rectangle([x0, top, x0 + pw, top + ph], outline="black")
+        pen.text((x0 + 8, top - 18), f"{m}: val top-1 (%) per epoch", fill="black")
+        for v in range(lo, hi + 1, 5):
+            y = top + ph - (v - lo) / (hi - lo) * ph
+            pen.line([(x0, y), (x0 + pw, y)], fill=(230, 230, 230))
+            pen.text((x0 - 22 if k == 0 else x0 + 2, y - 6), f"{v}", fill="black")
+        x20 = x0 + 0.8 * (epochs - 1) / max(1, epochs - 1) * pw
+        pen.line([(x20, top), (x20, top + ph)], fill=(200, 200, 200))  # the last 20% of epochs
+        for (mm, group, order), c in curves.items():
+            if mm != m:
+                continue
+            pts = [(x0 + i / max(1, epochs - 1) * pw,
+                    top + ph - (min(max(v, lo), hi) - lo) / (hi - lo) * ph)
+                   for i, v in enumerate(c)]
+            colour = {"plateau-reorder": (0, 0, 0), "plateau-frozen": (150, 150, 150)}.get(
+                group, colours[order])
+            pen.line(pts, fill=colour, width=3 if group == "plateau-reorder" else 1 + (
+                group == "plateau-fixed"))
+        pen.text((x0, top + ph + 4), f"epoch 1 .. {epochs}; grey line: start of the last 20%",
+                 fill="black")
+    legend = ("mean over seeds; fixed orders in colour; black (thick) = REOrder from the worst, "
+              "grey = its frozen-policy control")
+    pen.text((left, top + ph + 24), legend, fill="black")
+    x = left
+    for o, c in colours.items():
+        pen.rectangle([x, top + ph + 44, x + 30, top + ph + 50], fill=c)
+        pen.text((x + 34, top + ph + 40), o, fill="black")
+        x += 90
+    sheet.save(path, format="PNG", optimize=True)
 
 
 def sensitivity(run_dir, task, images=1000):
