@@ -48,18 +48,26 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def number(cast=float, low=None, above=None, high=None):
-    """An argparse type: cast(text), finite, >= low, > above, <= high; else a one-line error."""
+def number(cast=float, low=None, above=None, high=None, why=""):
+    """An argparse type: cast(text), finite, >= low, > above, <= high (`why`: the reason for high,
+    shown); in size an integer below 2**63 (torch's int64), a float 0 or within 1e-30..1e30; else a
+    one-line error. The model and the policy train in float32, which ends at 3.4e38: a flag past
+    1e30 overflows where the optimizers scale it (AdamW's first step is 10 x lr), one under 1e-30
+    where it divides (tau)."""
     def parse(text):
         try:
-            value = cast(text)
+            value = cast(text) + 0  # -0.0 + 0 is 0.0
         except ValueError:
             kind = "an integer" if cast is int else "a number"
             raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
-        for bad, rule in ((not math.isfinite(value), "finite"),
+        real = isinstance(value, float)  # an int is exact at any size (math.isfinite overflows)
+        fits = value == 0 or 1e-30 <= abs(value) <= 1e30 if real else abs(value) < 2 ** 63
+        for bad, rule in ((real and not math.isfinite(value), "finite"),
                           (low is not None and value < low, f"at least {low}"),
                           (above is not None and not value > above, f"> {above}"),
-                          (high is not None and value > high, f"at most {high}")):
+                          (high is not None and value > high, f"at most {high}{why}"),
+                          (not fits, "0 or within 1e-30..1e30 in size" if real else
+                           "below 2**63 in size")):
             if bad:
                 raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value

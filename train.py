@@ -872,6 +872,9 @@ def settle(args, e):
         [args.data, args.order.replace(os.sep, "_")] + [args.mixer] * (args.mixer != "window")
         + ["learn"] * args.learn_order + [f"s{args.seed}"]))  # "": check_writable refuses it
     args.world = WORLD
+    if args.lr * args.weight_decay > 1:
+        e(f"--lr {args.lr} x --weight-decay {args.weight_decay} exceeds 1: AdamW multiplies every "
+          f"weight by 1 - lr x weight decay each step, which would flip its sign")
     if args.fixed_tau and not args.learn_order:
         e("--fixed-tau samples orders from the policy: it needs --learn-order")
     if args.learn_order and args.policy_start + args.policy_epochs > args.epochs:

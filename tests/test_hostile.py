@@ -1,5 +1,6 @@
 """Hostile files and folders (issue 26): one line and exit status 2, nothing written outside the
 run folder, no file of the user's deleted or overwritten, a damaged checkpoint named as damaged."""
+import argparse
 import gzip
 import json
 import os
@@ -420,3 +421,51 @@ def test_atomic_path_neither_follows_nor_replaces_what_is_at_its_temporary_name(
                 f.write("ours")
         assert snapshot(tmp_path) == before
         os.remove(tmp_path / "out.json.tmp")
+
+
+# ---- 10. requests that cannot fit, absurd numbers, start-up (issue 32.5) ------------------------
+
+FLOATS = ("lr", "policy-lr", "weight-decay", "clip", "tau-max", "fixed-tau")
+INTS = ("subset", "val-subset", "img-size", "patch", "workers", "dim", "depth", "heads", "window",
+        "prior-n", "policy-start", "policy-epochs", "orders-per-step", "epochs", "batch-size",
+        "warmup-epochs", "seed", "save-every")
+
+
+def test_the_float_flags_are_those_tested_below(monkeypatch):
+    monkeypatch.setattr(train, "settle", lambda args, error: args)
+    defaults = vars(train.parse_args([]))
+    assert {k for k, v in defaults.items() if isinstance(v, float)} == {
+        flag.replace("-", "_") for flag in FLOATS}
+
+
+@pytest.mark.parametrize("value", ["1e300", "-1e300", "1e-300", "3.5e38", "nan", "-inf"])
+@pytest.mark.parametrize("flag", FLOATS)
+def test_every_float_flag_beyond_float32s_reach_is_one_line(tmp_path, capsys, flag, value):
+    fails(capsys, train.main, [*TINY, "--learn-order", "--out", str(tmp_path / "run"),
+                               f"--{flag}={value}"], f"argument --{flag}: must be")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("flag", INTS)
+def test_every_int_flag_beyond_int64_is_one_line(tmp_path, capsys, flag):
+    fails(capsys, train.main, [*TINY, "--learn-order", "--out", str(tmp_path / "run"),
+                               f"--{flag}", str(10 ** 400)], f"argument --{flag}: must be")
+    assert os.listdir(tmp_path) == []
+
+
+def test_numbers_at_the_edges_of_their_size():
+    real, whole = data.number(), data.number(int)
+    assert [real(t) for t in ("1e30", "-1e30", "1e-30", "-1e-30", "0")] == [
+        1e30, -1e30, 1e-30, -1e-30, 0]
+    assert str(real("-0.0")) == "0.0" and whole(str(2 ** 63 - 1)) == 2 ** 63 - 1
+    for parse, text in [(real, "1.0000001e30"), (real, "-1.0000001e30"), (real, "9.999999e-31"),
+                        (whole, str(2 ** 63)), (whole, str(-2 ** 63))]:
+        with pytest.raises(argparse.ArgumentTypeError, match="in size"):
+            parse(text)
+
+
+def test_lr_times_weight_decay_above_1_would_flip_the_weights_and_is_one_line(tmp_path, capsys):
+    assert train.parse_args(["--lr", "0.5", "--weight-decay", "2"]).weight_decay == 2  # 1 - 1 = 0
+    fails(capsys, train.main, [*TINY, "--out", str(tmp_path / "run"), "--lr", "0.5",
+                               "--weight-decay", "2.01"], "exceeds 1: AdamW multiplies")
+    assert os.listdir(tmp_path) == []
