@@ -28,6 +28,8 @@ import reorder
 DATASETS = ("cifar10", "fashion-mnist", "imagenet", "fmow", "folder", "synthetic", "pairs",
             "neighbours", "majority")
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+ON_CORES = " (the cores this process may run on)"  # the most worker processes a flag may ask
 MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
             "fashion-mnist": ((0.2860,), (0.3530,)),
             "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}  # ImageNet's, also fMoW's

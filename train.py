@@ -773,6 +773,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def parse_args(argv=None):
     ap = data.OneLineParser(description=__doc__, formatter_class=HelpFormatter)
     count, whole, positive, nonneg = number(int, 1), number(int, 0), number(above=0), number(low=0)
+    cores = number(int, 0, high=data.CORES, why=data.ON_CORES)
     a = ap.add_argument_group("data").add_argument
     a("--data", default="cifar10", choices=data.DATASETS,
       help="the data set; pairs, neighbours, majority: known-answer tasks (data.PairImages)")
@@ -784,7 +785,7 @@ def parse_args(argv=None):
                                                     "images (default: all)")
     a("--img-size", type=count, default=32, metavar="PX", help="image side, after resizing")
     a("--patch", type=count, default=4, metavar="PX", help="patch side: a grid of img-size / patch")
-    a("--workers", type=whole, metavar="N", help="loader processes (default: 0 for data in "
+    a("--workers", type=cores, metavar="N", help="loader processes (default: 0 for data in "
                                                  "memory, up to 8 for image folders)")
     a = ap.add_argument_group("model").add_argument
     a("--model", default="tiny", choices=sorted(reorder.PRESETS),

@@ -469,3 +469,12 @@ def test_lr_times_weight_decay_above_1_would_flip_the_weights_and_is_one_line(tm
     fails(capsys, train.main, [*TINY, "--out", str(tmp_path / "run"), "--lr", "0.5",
                                "--weight-decay", "2.01"], "exceeds 1: AdamW multiplies")
     assert os.listdir(tmp_path) == []
+
+
+def test_workers_beyond_the_cores_are_one_line_before_any_fork(tmp_path, capsys):
+    assert train.parse_args(["--workers", str(data.CORES)]).workers == data.CORES
+    for main, argv in [(train.main, [*TINY, "--out", str(tmp_path / "run")]),
+                       (prior.main, [*PRIOR, "--out", str(tmp_path / "p.json")])]:
+        fails(capsys, main, [*argv, "--workers", str(data.CORES + 1)],
+              f"--workers: must be at most {data.CORES} (the cores this process may run on)")
+    assert os.listdir(tmp_path) == []
