@@ -251,11 +251,45 @@ def usage_errors():
         raise UsageError(str(e)) from None
 
 
-def check_inputs(args):
-    """(train set, val set, model): the output folder, the data and the model, checked read-only."""
+def check_memory(args, cfg, device):
+    """A one-line UsageError, before anything is built, where an estimate of the bytes the run holds
+    at once, each term at most what it was measured to hold (tests/bench.py --only memory), exceeds
+    the memory there is: the GPU's for the model, RAM for the rest; all RAM on a CPU. Bytes: 16 a
+    weight (float32 weights, gradients, AdamW's two moments) of the layers' MLPs and mixers
+    (2 x dim x hidden + 3 x dim², a lower count) and the patch and position embeddings; 4 a pixel
+    of a batch and 16 a patch, hidden unit and layer kept for the backward pass (measured 18 to 42,
+    window to bimamba); 48 a patch of each order sampled a step (measured 97); 8 an image of a
+    generated set (the loader's shuffled index). docs/training.md, errors."""
+    (h, w), p = reorder.grid_size(cfg.img_size, cfg.patch_size), cfg.patch_size
+    n, hidden, batch = h * w, int(cfg.dim * cfg.mlp_ratio), args.batch_size
+    orders = (args.orders_per_step if args.learn_order else 1) * (
+        batch if args.granularity == "image" else 1)
+    model = {"the weights (--dim, --depth, --img-size / --patch)":
+             16 * cfg.dim * ((2 * hidden + 3 * cfg.dim) * cfg.depth + n + p * p),
+             "a step's activations (--batch-size x patches x --dim x --depth)":
+             4 * batch * n * (p * p + 4 * hidden * cfg.depth),
+             "the orders sampled a step (--orders-per-step)": 48 * orders * n}
+    rest = {"the images' index (--subset)": 8 * (args.data in data.GENERATED) * (args.subset or 0)}
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for need, have, where in ([(model, torch.cuda.get_device_properties(device).total_memory,
+                                "the GPU"), (rest, ram, "RAM")] if device.type == "cuda" else
+                              [({**model, **rest}, ram, "RAM")]):
+        if sum(need.values()) > have:
+            raise UsageError(f"this run needs at least {sum(need.values()) / 2 ** 30:.3g} GiB of "
+                             f"{where}, which has {have / 2 ** 30:.3g} GiB: most for "
+                             f"{max(need, key=need.get)}; lower those")
+
+
+def check_inputs(args, device):
+    """(train set, val set, model): the output folder, the memory the run needs, the data and the
+    model, checked read-only."""
     data.check_writable(args.out)
+    sizes = {k: getattr(args, k) for k in ("dim", "depth", "heads") if getattr(args, k)}
     with usage_errors():  # reorder.py's checks: sizes, window, width against heads
         grid = reorder.grid_size(args.img_size, args.patch)
+        cfg = reorder.vit_config(args.model, img_size=args.img_size, patch_size=args.patch,
+                                 mixer=args.mixer, window=args.window, **sizes)
+    check_memory(args, cfg, device)
     if args.order not in reorder.ORDERS + ("random", "prior") and not args.resume:
         data.load_order(args.order, grid)  # checked now, loaded at the start (resumed: last.pt's)
     train_set = data.build_dataset(args.data, args.root, "train", args.img_size, augment=True,
@@ -271,12 +305,9 @@ def check_inputs(args):
     if None in firsts:
         raise UsageError(f"no readable image in the {('train', 'val')[firsts.index(None)]} split "
                          f"of --data {args.data} (each one is named above)")
-    sizes = {k: getattr(args, k) for k in ("dim", "depth", "heads") if getattr(args, k)}
     with usage_errors():
-        return train_set, val_set, reorder.ViT(reorder.vit_config(
-            args.model, img_size=args.img_size, patch_size=args.patch,
-            in_chans=firsts[0][0].shape[0], num_classes=data.num_classes_of(train_set),
-            mixer=args.mixer, window=args.window, **sizes))
+        return train_set, val_set, reorder.ViT(dataclasses.replace(
+            cfg, in_chans=firsts[0][0].shape[0], num_classes=data.num_classes_of(train_set)))
 
 
 @contextmanager
@@ -621,7 +652,7 @@ def train(args):
     """Run (or resume) training; returns a summary dict (final metrics, order, policy logits)."""
     device = setup_device(args.device)
     torch.manual_seed(args.seed)
-    train_set, val_set, model = check_inputs(args)
+    train_set, val_set, model = check_inputs(args, device)
     grid, model, dtype = model.grid, model.to(device), amp_dtype(args.amp, device)
     val_loader = make_loader(val_set, args, device, shuffle=False)
     steps_per_epoch = len(make_loader(train_set, args, device))

@@ -478,3 +478,66 @@ def test_workers_beyond_the_cores_are_one_line_before_any_fork(tmp_path, capsys)
         fails(capsys, main, [*argv, "--workers", str(data.CORES + 1)],
               f"--workers: must be at most {data.CORES} (the cores this process may run on)")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("extra,term", [
+    (["--subset", str(10 ** 15)], "the images' index (--subset)"),
+    (["--dim", str(10 ** 9), "--heads", "1"], "the weights (--dim"),
+    (["--depth", str(10 ** 14)], "a step's activations"),
+    (["--img-size", str(10 ** 8), "--patch", "1"], "a step's activations"),
+    (["--img-size", str(10 ** 9), "--patch", str(10 ** 9)], "the weights (--dim"),
+    (["--batch-size", str(10 ** 15)], "a step's activations"),
+    (["--learn-order", "--orders-per-step", str(10 ** 14)], "the orders sampled a step"),
+    (["--learn-order", "--orders-per-step", str(10 ** 13), "--granularity", "image"],
+     "the orders sampled a step")])
+def test_a_run_that_cannot_fit_in_memory_is_one_line_before_anything_is_built(
+        tmp_path, capsys, monkeypatch, extra, term):
+    monkeypatch.setattr(data, "build_dataset", lambda *a, **k: pytest.fail("data built first"))
+    monkeypatch.setattr(reorder, "ViT", lambda *a: pytest.fail("model built first"))
+    err = fails(capsys, train.main, [*TINY, "--out", str(tmp_path / "run"), *extra],
+                "this run needs at least")
+    assert "GiB of RAM, which has" in err and f"most for {term}" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_memory_estimate_puts_the_model_on_the_gpu_and_counts_what_the_run_uses(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: argparse.Namespace(total_memory=2 ** 30))
+
+    def check(*extra, device="cuda"):
+        args = train.parse_args([*TINY, *extra])
+        train.check_memory(args, reorder.vit_config(args.model, img_size=args.img_size,
+                                                    patch_size=args.patch, dim=args.dim,
+                                                    depth=args.depth), torch.device(device))
+    big = ["--dim", "2048", "--depth", "2", "--heads", "1"]  # 16 x 2048 x 45,088 bytes: 1.4 GiB
+    with pytest.raises(data.UsageError, match="GiB of the GPU, which has 1 GiB: most for the w"):
+        check(*big)
+    check(*big, device="cpu")  # RAM holds it
+    check("--subset", str(10 ** 7))  # 80 MB of index: RAM, not the GPU's 1 GiB
+    with pytest.raises(data.UsageError, match="GiB of RAM, which has"):
+        check("--subset", str(10 ** 15))
+    check("--data", "fashion-mnist", "--subset", str(10 ** 15))  # at most its 60,000 files
+    check("--orders-per-step", str(10 ** 14))  # K orders are drawn only while learning
+
+
+@pytest.mark.parametrize("mixer", reorder.MIXERS)
+def test_the_memory_estimate_is_at_most_what_a_step_holds(monkeypatch, mixer):
+    # what autograd keeps for the backward pass, and 16 bytes a weight (AdamW's state, gradients)
+    args = train.parse_args([*TINY, "--mixer", mixer, "--dim", "64"])
+    cfg = reorder.vit_config("tiny", img_size=16, patch_size=4, dim=64, depth=1, heads=2,
+                             mixer=mixer)
+    model, kept = reorder.ViT(cfg), {}
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randn(args.batch_size, 3, 16, 16))
+    holds = sum(kept.values()) + 16 * sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(os, "sysconf", lambda name: 0)  # no RAM: the error says the estimate
+    with pytest.raises(data.UsageError) as e:
+        train.check_memory(args, cfg, torch.device("cpu"))
+    estimate = float(str(e.value).split("needs at least ")[1].split(" GiB")[0]) * 2 ** 30
+    assert holds / 4 < estimate <= 1.005 * holds  # 3 digits printed; bimamba keeps 2.4x
