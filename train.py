@@ -27,16 +27,21 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext, suppress
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler, Subset
-from tqdm import tqdm
+STOPPED = "train.py: interrupted (Ctrl-C) before training began: nothing was written"
+try:  # torch takes seconds to load: Ctrl-C then is this line and status 130, not a traceback
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, DistributedSampler, Subset
+    from tqdm import tqdm
 
-import data
-import prior
-import reorder
-from data import UsageError, number
+    import data
+    import prior
+    import reorder
+    from data import UsageError, number
+except KeyboardInterrupt:
+    print(STOPPED, file=sys.stderr)
+    sys.exit(130)
 
 # Set once, as nanoGPT does: torchrun's environment, else one process. Rank 0 prints and writes.
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -943,6 +948,9 @@ def main(argv=None):
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # before the loop's own handlers (signals_to_flag) took Ctrl-C
+        print(STOPPED, file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import struct
+import subprocess
+import sys
 import zipfile
 from contextlib import contextmanager
 
@@ -541,3 +543,25 @@ def test_the_memory_estimate_is_at_most_what_a_step_holds(monkeypatch, mixer):
         train.check_memory(args, cfg, torch.device("cpu"))
     estimate = float(str(e.value).split("needs at least ")[1].split(" GiB")[0]) * 2 ** 30
     assert holds / 4 < estimate <= 1.005 * holds  # 3 digits printed; bimamba keeps 2.4x
+
+
+def test_ctrl_c_while_starting_is_one_line_status_130_and_nothing_written(tmp_path, capsys,
+                                                                           monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "build_dataset", interrupted)
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, "--out", str(tmp_path / "run")])
+    assert e.value.code == 130 and capsys.readouterr().err == train.STOPPED + "\n"
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_train_py_imports_is_one_line_and_status_130(tmp_path):
+    (tmp_path / "tqdm.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n")
+    done = subprocess.run([sys.executable, os.path.abspath(train.__file__), *TINY, "--out",
+                           str(tmp_path / "run")], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path),
+                               "PYTHONDONTWRITEBYTECODE": "1"}, timeout=300)
+    assert done.returncode == 130 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == train.STOPPED and os.listdir(tmp_path) == ["tqdm.py"]
