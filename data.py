@@ -420,7 +420,7 @@ class PairImages(Dataset):
     def __init__(self, n, size, patch, gap=None, offset=0, mismatch=0.5, noise=0.5,
                  balanced=False, votes=None):
         h, w = reorder.grid_size(size, patch)
-        gap = gap or h // 2
+        gap = gap or max(1, h // 2)  # one row of patches: no partner at any gap
         if h % (2 * gap):
             raise UsageError(f"this pairs task needs a multiple of {2 * gap} patch rows, got {h} "
                              f"(--img-size {size} / --patch {patch}): e.g. --img-size 32 --patch 4")

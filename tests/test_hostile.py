@@ -565,3 +565,13 @@ def test_ctrl_c_while_train_py_imports_is_one_line_and_status_130(tmp_path):
                                "PYTHONDONTWRITEBYTECODE": "1"}, timeout=300)
     assert done.returncode == 130 and "Traceback" not in done.stderr
     assert done.stderr.splitlines()[-1] == train.STOPPED and os.listdir(tmp_path) == ["tqdm.py"]
+
+
+@pytest.mark.parametrize("task", ["pairs", "neighbours", "majority"])
+@pytest.mark.parametrize("size,rows", [(4, 1), (12, 3)])
+def test_a_pairs_task_on_too_few_or_odd_patch_rows_is_one_line(tmp_path, capsys, task, size,
+                                                              rows):
+    fails(capsys, train.main, [*TINY, "--data", task, "--img-size", str(size), "--patch", "4",
+                               "--out", str(tmp_path / "run")],
+          f"needs a multiple of 2 patch rows, got {rows}")
+    assert os.listdir(tmp_path) == []
