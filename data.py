@@ -263,11 +263,11 @@ class Flipped(Dataset):
 def download(dataset_class, folder, what, advice):
     """A torchvision data set downloaded into `folder` through a temporary folder beside it: a
     failed download (offline, a broken mirror) is one line and leaves nothing behind."""
-    parent = os.path.dirname(os.path.abspath(folder))
+    parent, tmp = os.path.dirname(os.path.abspath(folder)), None
     created = not os.path.isdir(parent)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".download-", dir=parent)
-    try:
+    try:  # a folder that cannot be made (read-only, under a file) fails as a download does
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".download-", dir=parent)
         dataset_class(tmp, download=True)
         os.makedirs(folder, exist_ok=True)
         for name in os.listdir(tmp):
@@ -276,8 +276,9 @@ def download(dataset_class, folder, what, advice):
         raise UsageError(f"{what} is not in {folder} and could not be downloaded ({one_line(e)}): "
                          f"{advice}") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created and not os.listdir(parent):
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if created and os.path.isdir(parent) and not os.listdir(parent):
             os.rmdir(parent)
 
 

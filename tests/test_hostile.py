@@ -575,3 +575,23 @@ def test_a_pairs_task_on_too_few_or_odd_patch_rows_is_one_line(tmp_path, capsys,
                                "--out", str(tmp_path / "run")],
           f"needs a multiple of 2 patch rows, got {rows}")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["a read-only folder", "under a file"])
+def test_no_fashion_mnist_and_nowhere_to_download_it_is_one_line(tmp_path, capsys, monkeypatch,
+                                                                where):
+    root = tmp_path / "empty"
+    if where == "a read-only folder":  # root ignores permissions: mkdtemp refuses as it would
+        def read_only(*args, dir=None, **kwargs):
+            raise PermissionError(13, "Permission denied", os.path.join(dir, ".download-x"))
+        monkeypatch.setattr(data.tempfile, "mkdtemp", read_only)
+        root.mkdir()
+    else:
+        (tmp_path / "afile").write_text("a file")
+        root = tmp_path / "afile" / "fm"
+    before = snapshot(tmp_path)
+    for main, argv in [(train.main, [*TINY, "--out", str(tmp_path / "run")]),
+                       (prior.main, [*PRIOR, "--out", str(tmp_path / "p.json")])]:
+        fails(capsys, main, [*argv, "--data", "fashion-mnist", "--root", str(root)],
+              "is not in " + str(root) + " and could not be downloaded (")
+    assert snapshot(tmp_path) == before
