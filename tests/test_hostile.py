@@ -595,3 +595,21 @@ def test_no_fashion_mnist_and_nowhere_to_download_it_is_one_line(tmp_path, capsy
         fails(capsys, main, [*argv, "--data", "fashion-mnist", "--root", str(root)],
               "is not in " + str(root) + " and could not be downloaded (")
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("heads", 0, "'heads': 0"), ("heads", -3, "'heads': -3"), ("dim", 0, "'width': 0"),
+    ("depth", 0, "'depth': 0"), ("dim", 192.0, "'width': 192.0"), ("heads", 5, "not divisible")])
+def test_a_vit_config_of_no_size_is_a_one_line_value_error(field, value, message):
+    with pytest.raises(ValueError) as e:
+        reorder.ViT(reorder.ViTConfig(**{field: value}))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("mixer", ["mamba", "bimamba"])
+def test_a_scan_takes_any_width_its_unused_heads_do_not_divide(tmp_path, mixer):
+    assert reorder.ViT(reorder.ViTConfig(mixer=mixer, dim=16, depth=1, heads=0)).cfg.dim == 16
+    args = train.parse_args([*TINY, "--mixer", mixer, "--dim", "16", "--heads", "3", "--out",
+                             str(tmp_path / "run")])
+    assert train.check_inputs(args, torch.device("cpu"))[2].cfg.heads == 3
+    assert os.listdir(tmp_path) == []
