@@ -613,3 +613,18 @@ def test_a_scan_takes_any_width_its_unused_heads_do_not_divide(tmp_path, mixer):
                              str(tmp_path / "run")])
     assert train.check_inputs(args, torch.device("cpu"))[2].cfg.heads == 3
     assert os.listdir(tmp_path) == []
+
+
+def test_the_priors_bigram_symbols_tell_every_pair_of_codes_apart(monkeypatch):
+    # a codebook of K - 1 in the symbol c0 * K + c1 made pairs collide, unnoticed (issue 32)
+    k = 3
+    codes = np.array([(a, b) for a in range(k) for b in range(k)]).ravel()  # each pair once
+    bigrams = np.frombuffer(prior.streams(codes, k)[1], dtype=np.uint8)
+    assert sorted(bigrams.tolist()) == list(range(k * k))
+    seen, streams = [], prior.streams
+    monkeypatch.setattr(prior, "streams", lambda c, size: seen.append((c.max(), size)) or
+                        streams(c, size))
+    images = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    table = prior.compressibility(images, 4, codebook=5, workers=1, progress=False)
+    assert {size for _, size in seen} == {table["codebook"]} == {5}
+    assert max(code for code, _ in seen) == 4  # every code below the codebook's size
