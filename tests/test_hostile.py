@@ -520,6 +520,9 @@ def test_the_memory_estimate_puts_the_model_on_the_gpu_and_counts_what_the_run_u
         check("--subset", str(10 ** 15))
     check("--data", "fashion-mnist", "--subset", str(10 ** 15))  # at most its 60,000 files
     check("--orders-per-step", str(10 ** 14))  # K orders are drawn only while learning
+    check("--learn-order", "--orders-per-step", str(10 ** 5))  # 77 MB: K x 16 patches
+    with pytest.raises(data.UsageError, match="GiB of the GPU.*most for the orders sampled"):
+        check("--learn-order", "--orders-per-step", str(10 ** 5), "--granularity", "image")
 
 
 @pytest.mark.parametrize("mixer", reorder.MIXERS)
