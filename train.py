@@ -934,6 +934,9 @@ def main(argv=None):
             return train(args)
         with usage_errors():
             grid = reorder.grid_size(args.img_size, args.patch)
+        if max(grid) > 256:  # 6 pixels a patch: 1,536 a side, 4 x 2 such pictures on one sheet
+            raise UsageError(f"--draw-orders draws at most 256 patches a side, got {grid[0]} x "
+                             f"{grid[1]}: choose a larger --patch")
         orders = {name: reorder.order(name, *grid) for name in reorder.ORDERS}
         orders[f"random (seed {args.seed})"] = reorder.order("random", *grid, seed=args.seed)
         if args.order not in reorder.ORDERS + ("random", "prior"):  # a file: checked, drawn

@@ -631,3 +631,20 @@ def test_the_priors_bigram_symbols_tell_every_pair_of_codes_apart(monkeypatch):
     table = prior.compressibility(images, 4, codebook=5, workers=1, progress=False)
     assert {size for _, size in seen} == {table["codebook"]} == {5}
     assert max(code for code, _ in seen) == 4  # every code below the codebook's size
+
+
+def test_draw_orders_past_256_patches_a_side_is_one_line_before_any_order_is_made(
+        tmp_path, capsys, monkeypatch):
+    class Reached(Exception):
+        """reorder.order called: the grid was accepted."""
+
+    def reached(*args, **kwargs):
+        raise Reached
+    monkeypatch.setattr(reorder, "order", reached)
+    png = str(tmp_path / "d.png")
+    with pytest.raises(Reached):
+        train.main(["--draw-orders", png, "--img-size", "256", "--patch", "1"])
+    for size in ("257", str(10 ** 18)):
+        fails(capsys, train.main, ["--draw-orders", png, "--img-size", size, "--patch", "1"],
+              f"at most 256 patches a side, got {size} x {size}")
+    assert os.listdir(tmp_path) == []
