@@ -648,3 +648,15 @@ def test_draw_orders_past_256_patches_a_side_is_one_line_before_any_order_is_mad
         fails(capsys, train.main, ["--draw-orders", png, "--img-size", size, "--patch", "1"],
               f"at most 256 patches a side, got {size} x {size}")
     assert os.listdir(tmp_path) == []
+
+
+def test_the_memory_estimate_of_a_small_run_by_hand(monkeypatch):
+    # TINY: width 32 (hidden 128), 1 layer, 4 x 4 patches of 4 x 4 pixels, batch 16, 1 order, 128
+    # synthetic images. Weights 16 x 32 x ((2 x 128 + 3 x 32) x 1 + 16 + 16) = 196,608 bytes;
+    # activations 4 x 16 x 16 x (16 + 4 x 128 x 1) = 540,672; orders 48 x 16 = 768; the index
+    # 8 x 128 = 1,024: 739,072 bytes, 0.000688 GiB
+    args = train.parse_args(TINY)
+    monkeypatch.setattr(os, "sysconf", lambda name: 0)  # no RAM: the error says the estimate
+    with pytest.raises(data.UsageError, match=r"needs at least 0\.000688 GiB of RAM"):
+        train.check_memory(args, reorder.vit_config("tiny", img_size=16, patch_size=4, dim=32,
+                                                    depth=1), torch.device("cpu"))
