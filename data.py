@@ -27,7 +27,10 @@ import reorder
 
 DATASETS = ("cifar10", "fashion-mnist", "imagenet", "fmow", "folder", "synthetic", "pairs",
             "neighbours", "majority")
+GENERATED = ("synthetic", "pairs", "neighbours", "majority")  # made from the index: any number
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+ON_CORES = " (the cores this process may run on)"  # the most worker processes a flag may ask
 MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
             "fashion-mnist": ((0.2860,), (0.3530,)),
             "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}  # ImageNet's, also fMoW's
@@ -48,18 +51,26 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def number(cast=float, low=None, above=None, high=None):
-    """An argparse type: cast(text), finite, >= low, > above, <= high; else a one-line error."""
+def number(cast=float, low=None, above=None, high=None, why=""):
+    """An argparse type: cast(text), finite, >= low, > above, <= high (`why`: the reason for high,
+    shown); in size an integer below 2**63 (torch's int64), a float 0 or within 1e-30..1e30; else a
+    one-line error. The model and the policy train in float32, which ends at 3.4e38: a flag past
+    1e30 overflows where the optimizers scale it (AdamW's first step is 10 x lr), one under 1e-30
+    where it divides (tau)."""
     def parse(text):
         try:
-            value = cast(text)
+            value = cast(text) + 0  # -0.0 + 0 is 0.0
         except ValueError:
             kind = "an integer" if cast is int else "a number"
             raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
-        for bad, rule in ((not math.isfinite(value), "finite"),
+        real = isinstance(value, float)  # an int is exact at any size (math.isfinite overflows)
+        fits = value == 0 or 1e-30 <= abs(value) <= 1e30 if real else abs(value) < 2 ** 63
+        for bad, rule in ((real and not math.isfinite(value), "finite"),
                           (low is not None and value < low, f"at least {low}"),
                           (above is not None and not value > above, f"> {above}"),
-                          (high is not None and value > high, f"at most {high}")):
+                          (high is not None and value > high, f"at most {high}{why}"),
+                          (not fits, "0 or within 1e-30..1e30 in size" if real else
+                           "below 2**63 in size")):
             if bad:
                 raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
@@ -252,11 +263,11 @@ class Flipped(Dataset):
 def download(dataset_class, folder, what, advice):
     """A torchvision data set downloaded into `folder` through a temporary folder beside it: a
     failed download (offline, a broken mirror) is one line and leaves nothing behind."""
-    parent = os.path.dirname(os.path.abspath(folder))
+    parent, tmp = os.path.dirname(os.path.abspath(folder)), None
     created = not os.path.isdir(parent)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".download-", dir=parent)
-    try:
+    try:  # a folder that cannot be made (read-only, under a file) fails as a download does
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".download-", dir=parent)
         dataset_class(tmp, download=True)
         os.makedirs(folder, exist_ok=True)
         for name in os.listdir(tmp):
@@ -265,8 +276,9 @@ def download(dataset_class, folder, what, advice):
         raise UsageError(f"{what} is not in {folder} and could not be downloaded ({one_line(e)}): "
                          f"{advice}") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created and not os.listdir(parent):
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if created and os.path.isdir(parent) and not os.listdir(parent):
             os.rmdir(parent)
 
 
@@ -409,7 +421,7 @@ class PairImages(Dataset):
     def __init__(self, n, size, patch, gap=None, offset=0, mismatch=0.5, noise=0.5,
                  balanced=False, votes=None):
         h, w = reorder.grid_size(size, patch)
-        gap = gap or h // 2
+        gap = gap or max(1, h // 2)  # one row of patches: no partner at any gap
         if h % (2 * gap):
             raise UsageError(f"this pairs task needs a multiple of {2 * gap} patch rows, got {h} "
                              f"(--img-size {size} / --patch {patch}): e.g. --img-size 32 --patch 4")

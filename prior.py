@@ -184,6 +184,7 @@ def main(argv=None):
     ap = data.OneLineParser(description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     a, count = ap.add_argument, data.number(int, 1)
+    cores = data.number(int, 1, high=data.CORES, why=data.ON_CORES)
     a("--data", default="fashion-mnist", choices=data.DATASETS)
     a("--root", default=None, help="data folder (default: the dataset's usual place)")
     a("--n", type=count, default=1000, help="images to sample from the training split")
@@ -192,7 +193,7 @@ def main(argv=None):
     a("--codebook", type=count, default=256, help="k-means codes (the VQ vocabulary)")
     a("--preset", type=int, default=6, choices=range(10), help="LZMA preset")
     a("--seed", type=data.number(int, 0, high=2 ** 32 - 2), default=0)
-    a("--workers", type=count, default=os.cpu_count(), help="processes (default: all cores)")
+    a("--workers", type=cores, default=os.cpu_count(), help="processes (default: all cores)")
     a("--order-file", action="append", default=[], help="also score a saved order (repeatable)")
     a("--out", default="prior.json", help="the table as JSON (its folder is made)")
     args = ap.parse_args(argv)

@@ -642,9 +642,13 @@ class ViT(nn.Module):
             raise ValueError(f"unknown mixer {cfg.mixer!r}: choose one of {', '.join(MIXERS)}")
         if cfg.window is not None and cfg.window < 0:
             raise ValueError(f"window must be >= 0 or None (no limit), got {cfg.window}")
-        if cfg.dim % cfg.heads:
+        scan = "mamba" in cfg.mixer  # a scan has no heads
+        sizes = {"width": cfg.dim, "depth": cfg.depth, **({} if scan else {"heads": cfg.heads})}
+        if not all(isinstance(n, int) and n > 0 for n in sizes.values()):
+            raise ValueError(f"{', '.join(sizes)} must be positive integers, got {sizes}")
+        if not scan and cfg.dim % cfg.heads:
             raise ValueError(f"width {cfg.dim} is not divisible by {cfg.heads} heads")
-        self.cfg, self.cls_last = cfg, "mamba" in cfg.mixer
+        self.cfg, self.cls_last = cfg, scan
         self.grid = grid_size(cfg.img_size, cfg.patch_size)
         self.num_patches = self.grid[0] * self.grid[1]
         patch_dim = cfg.in_chans * cfg.patch_size ** 2

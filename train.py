@@ -27,16 +27,21 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext, suppress
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler, Subset
-from tqdm import tqdm
+STOPPED = "train.py: interrupted (Ctrl-C) before training began: nothing was written"
+try:  # torch takes seconds to load: Ctrl-C then is this line and status 130, not a traceback
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, DistributedSampler, Subset
+    from tqdm import tqdm
 
-import data
-import prior
-import reorder
-from data import UsageError, number
+    import data
+    import prior
+    import reorder
+    from data import UsageError, number
+except KeyboardInterrupt:
+    print(STOPPED, file=sys.stderr)
+    sys.exit(130)
 
 # Set once, as nanoGPT does: torchrun's environment, else one process. Rank 0 prints and writes.
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -251,11 +256,45 @@ def usage_errors():
         raise UsageError(str(e)) from None
 
 
-def check_inputs(args):
-    """(train set, val set, model): the output folder, the data and the model, checked read-only."""
+def check_memory(args, cfg, device):
+    """A one-line UsageError, before anything is built, where an estimate of the bytes the run holds
+    at once, each term at most what it was measured to hold (tests/bench.py --only memory), exceeds
+    the memory there is: the GPU's for the model, RAM for the rest; all RAM on a CPU. Bytes: 16 a
+    weight (float32 weights, gradients, AdamW's two moments) of the layers' MLPs and mixers
+    (2 x dim x hidden + 3 x dim², a lower count) and the patch and position embeddings; 4 a pixel
+    of a batch and 16 a patch, hidden unit and layer kept for the backward pass (measured 18 to 42,
+    window to bimamba); 48 a patch of each order sampled a step (measured 97); 8 an image of a
+    generated set (the loader's shuffled index). docs/training.md, errors."""
+    (h, w), p = reorder.grid_size(cfg.img_size, cfg.patch_size), cfg.patch_size
+    n, hidden, batch = h * w, int(cfg.dim * cfg.mlp_ratio), args.batch_size
+    orders = (args.orders_per_step if args.learn_order else 1) * (
+        batch if args.granularity == "image" else 1)
+    model = {"the weights (--dim, --depth, --img-size / --patch)":
+             16 * cfg.dim * ((2 * hidden + 3 * cfg.dim) * cfg.depth + n + p * p),
+             "a step's activations (--batch-size x patches x --dim x --depth)":
+             4 * batch * n * (p * p + 4 * hidden * cfg.depth),
+             "the orders sampled a step (--orders-per-step)": 48 * orders * n}
+    rest = {"the images' index (--subset)": 8 * (args.data in data.GENERATED) * (args.subset or 0)}
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for need, have, where in ([(model, torch.cuda.get_device_properties(device).total_memory,
+                                "the GPU"), (rest, ram, "RAM")] if device.type == "cuda" else
+                              [({**model, **rest}, ram, "RAM")]):
+        if sum(need.values()) > have:
+            raise UsageError(f"this run needs at least {sum(need.values()) / 2 ** 30:.3g} GiB of "
+                             f"{where}, which has {have / 2 ** 30:.3g} GiB: most for "
+                             f"{max(need, key=need.get)}; lower those")
+
+
+def check_inputs(args, device):
+    """(train set, val set, model): the output folder, the memory the run needs, the data and the
+    model, checked read-only."""
     data.check_writable(args.out)
+    sizes = {k: getattr(args, k) for k in ("dim", "depth", "heads") if getattr(args, k)}
     with usage_errors():  # reorder.py's checks: sizes, window, width against heads
         grid = reorder.grid_size(args.img_size, args.patch)
+        cfg = reorder.vit_config(args.model, img_size=args.img_size, patch_size=args.patch,
+                                 mixer=args.mixer, window=args.window, **sizes)
+    check_memory(args, cfg, device)
     if args.order not in reorder.ORDERS + ("random", "prior") and not args.resume:
         data.load_order(args.order, grid)  # checked now, loaded at the start (resumed: last.pt's)
     train_set = data.build_dataset(args.data, args.root, "train", args.img_size, augment=True,
@@ -271,12 +310,9 @@ def check_inputs(args):
     if None in firsts:
         raise UsageError(f"no readable image in the {('train', 'val')[firsts.index(None)]} split "
                          f"of --data {args.data} (each one is named above)")
-    sizes = {k: getattr(args, k) for k in ("dim", "depth", "heads") if getattr(args, k)}
     with usage_errors():
-        return train_set, val_set, reorder.ViT(reorder.vit_config(
-            args.model, img_size=args.img_size, patch_size=args.patch,
-            in_chans=firsts[0][0].shape[0], num_classes=data.num_classes_of(train_set),
-            mixer=args.mixer, window=args.window, **sizes))
+        return train_set, val_set, reorder.ViT(dataclasses.replace(
+            cfg, in_chans=firsts[0][0].shape[0], num_classes=data.num_classes_of(train_set)))
 
 
 @contextmanager
@@ -621,7 +657,7 @@ def train(args):
     """Run (or resume) training; returns a summary dict (final metrics, order, policy logits)."""
     device = setup_device(args.device)
     torch.manual_seed(args.seed)
-    train_set, val_set, model = check_inputs(args)
+    train_set, val_set, model = check_inputs(args, device)
     grid, model, dtype = model.grid, model.to(device), amp_dtype(args.amp, device)
     val_loader = make_loader(val_set, args, device, shuffle=False)
     steps_per_epoch = len(make_loader(train_set, args, device))
@@ -773,6 +809,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def parse_args(argv=None):
     ap = data.OneLineParser(description=__doc__, formatter_class=HelpFormatter)
     count, whole, positive, nonneg = number(int, 1), number(int, 0), number(above=0), number(low=0)
+    cores = number(int, 0, high=data.CORES, why=data.ON_CORES)
     a = ap.add_argument_group("data").add_argument
     a("--data", default="cifar10", choices=data.DATASETS,
       help="the data set; pairs, neighbours, majority: known-answer tasks (data.PairImages)")
@@ -784,7 +821,7 @@ def parse_args(argv=None):
                                                     "images (default: all)")
     a("--img-size", type=count, default=32, metavar="PX", help="image side, after resizing")
     a("--patch", type=count, default=4, metavar="PX", help="patch side: a grid of img-size / patch")
-    a("--workers", type=whole, metavar="N", help="loader processes (default: 0 for data in "
+    a("--workers", type=cores, metavar="N", help="loader processes (default: 0 for data in "
                                                  "memory, up to 8 for image folders)")
     a = ap.add_argument_group("model").add_argument
     a("--model", default="tiny", choices=sorted(reorder.PRESETS),
@@ -872,6 +909,9 @@ def settle(args, e):
         [args.data, args.order.replace(os.sep, "_")] + [args.mixer] * (args.mixer != "window")
         + ["learn"] * args.learn_order + [f"s{args.seed}"]))  # "": check_writable refuses it
     args.world = WORLD
+    if args.lr * args.weight_decay > 1:
+        e(f"--lr {args.lr} x --weight-decay {args.weight_decay} exceeds 1: AdamW multiplies every "
+          f"weight by 1 - lr x weight decay each step, which would flip its sign")
     if args.fixed_tau and not args.learn_order:
         e("--fixed-tau samples orders from the policy: it needs --learn-order")
     if args.learn_order and args.policy_start + args.policy_epochs > args.epochs:
@@ -894,6 +934,9 @@ def main(argv=None):
             return train(args)
         with usage_errors():
             grid = reorder.grid_size(args.img_size, args.patch)
+        if max(grid) > 256:  # 6 pixels a patch: 1,536 a side, 4 x 2 such pictures on one sheet
+            raise UsageError(f"--draw-orders draws at most 256 patches a side, got {grid[0]} x "
+                             f"{grid[1]}: choose a larger --patch")
         orders = {name: reorder.order(name, *grid) for name in reorder.ORDERS}
         orders[f"random (seed {args.seed})"] = reorder.order("random", *grid, seed=args.seed)
         if args.order not in reorder.ORDERS + ("random", "prior"):  # a file: checked, drawn
@@ -908,6 +951,9 @@ def main(argv=None):
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # before the loop's own handlers (signals_to_flag) took Ctrl-C
+        print(STOPPED, file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

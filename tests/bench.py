@@ -437,10 +437,34 @@ def bench_resume(args, device):
         print(f"{name:<22} {min(t):.2f} s ({min(t) / load:.2f}x torch.load)")
 
 
+def bench_memory(args, device):
+    """train.check_memory's coefficients against what they stand for: bytes autograd saves for the
+    backward pass per patch, hidden unit and layer, per mixer (estimate 16); bytes per patch of K
+    sampled orders, drawn and scored as a learning step does (estimate 48; resident memory)."""
+    print("\n## memory: train.check_memory's coefficients, measured (batch 32, 8 x 8 patches)")
+    images, labels = torch.randn(32, 1, 32, 32, device=device), torch.zeros(32, dtype=torch.long,
+                                                                          device=device)
+    for mixer in reorder.MIXERS:
+        cfg = reorder.vit_config("tiny", img_size=32, patch_size=4, in_chans=1, dim=64, depth=2,
+                                 heads=2, mixer=mixer)
+        saved = saved_bytes(reorder.ViT(cfg).to(device), images, labels, None)
+        print(f"{mixer:<8} {saved / (32 * 64 * 4 * cfg.dim * cfg.depth):5.1f} bytes a patch, "
+              f"hidden unit and layer (estimate 16)")
+    for k, n in [(100000, 64), (20000, 256)]:  # in a fresh process: its high-water mark
+        code = (f"import torch, reorder, train, bench; p = reorder.PlackettLuce.from_order("
+                f"torch.arange({n})); b = bench.high_water_bytes(); o = train.sample_orders(p, {k}"
+                f", 0.1, torch.Generator()); p.log_prob(o, 0.1, check=False).sum().backward(); "
+                f"print(bench.high_water_bytes() - b)")
+        peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                  check=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+                                  env={**os.environ, "PYTHONPATH": os.pardir}).stdout)
+        print(f"{k} orders of {n} patches: {peak / (k * n):5.1f} bytes a patch (estimate 48)")
+
+
 SECTIONS = {"attention": bench_attention, "scan": bench_scan, "recurrence": bench_recurrence,
             "faults": bench_faults, "throughput": bench_throughput, "policy": bench_policy,
             "prior": bench_prior, "loader": bench_loader, "paper": bench_paper,
-            "resume": bench_resume}
+            "resume": bench_resume, "memory": bench_memory}
 FULL = dict(attention_sizes=[(197, 7), (1024, 64), (4096, 64), (16384, 64)],
             layer_sizes=[196, 1024, 4096], layer_long=[16384],
             rec_sizes=[(1, 197), (1, 1024), (1, 4096), (8, 197), (8, 1024), (64, 197)],

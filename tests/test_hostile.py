@@ -1,10 +1,13 @@
 """Hostile files and folders (issue 26): one line and exit status 2, nothing written outside the
 run folder, no file of the user's deleted or overwritten, a damaged checkpoint named as damaged."""
+import argparse
 import gzip
 import json
 import os
 import signal
 import struct
+import subprocess
+import sys
 import zipfile
 from contextlib import contextmanager
 
@@ -420,3 +423,240 @@ def test_atomic_path_neither_follows_nor_replaces_what_is_at_its_temporary_name(
                 f.write("ours")
         assert snapshot(tmp_path) == before
         os.remove(tmp_path / "out.json.tmp")
+
+
+# ---- 10. requests that cannot fit, absurd numbers, start-up (issue 32.5) ------------------------
+
+FLOATS = ("lr", "policy-lr", "weight-decay", "clip", "tau-max", "fixed-tau")
+INTS = ("subset", "val-subset", "img-size", "patch", "workers", "dim", "depth", "heads", "window",
+        "prior-n", "policy-start", "policy-epochs", "orders-per-step", "epochs", "batch-size",
+        "warmup-epochs", "seed", "save-every")
+
+
+def test_the_float_flags_are_those_tested_below(monkeypatch):
+    monkeypatch.setattr(train, "settle", lambda args, error: args)
+    defaults = vars(train.parse_args([]))
+    assert {k for k, v in defaults.items() if isinstance(v, float)} == {
+        flag.replace("-", "_") for flag in FLOATS}
+
+
+@pytest.mark.parametrize("value", ["1e300", "-1e300", "1e-300", "3.5e38", "nan", "-inf"])
+@pytest.mark.parametrize("flag", FLOATS)
+def test_every_float_flag_beyond_float32s_reach_is_one_line(tmp_path, capsys, flag, value):
+    fails(capsys, train.main, [*TINY, "--learn-order", "--out", str(tmp_path / "run"),
+                               f"--{flag}={value}"], f"argument --{flag}: must be")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("flag", INTS)
+def test_every_int_flag_beyond_int64_is_one_line(tmp_path, capsys, flag):
+    fails(capsys, train.main, [*TINY, "--learn-order", "--out", str(tmp_path / "run"),
+                               f"--{flag}", str(10 ** 400)], f"argument --{flag}: must be")
+    assert os.listdir(tmp_path) == []
+
+
+def test_numbers_at_the_edges_of_their_size():
+    real, whole = data.number(), data.number(int)
+    assert [real(t) for t in ("1e30", "-1e30", "1e-30", "-1e-30", "0")] == [
+        1e30, -1e30, 1e-30, -1e-30, 0]
+    assert str(real("-0.0")) == "0.0" and whole(str(2 ** 63 - 1)) == 2 ** 63 - 1
+    for parse, text in [(real, "1.0000001e30"), (real, "-1.0000001e30"), (real, "9.999999e-31"),
+                        (whole, str(2 ** 63)), (whole, str(-2 ** 63))]:
+        with pytest.raises(argparse.ArgumentTypeError, match="in size"):
+            parse(text)
+
+
+def test_lr_times_weight_decay_above_1_would_flip_the_weights_and_is_one_line(tmp_path, capsys):
+    assert train.parse_args(["--lr", "0.5", "--weight-decay", "2"]).weight_decay == 2  # 1 - 1 = 0
+    fails(capsys, train.main, [*TINY, "--out", str(tmp_path / "run"), "--lr", "0.5",
+                               "--weight-decay", "2.01"], "exceeds 1: AdamW multiplies")
+    assert os.listdir(tmp_path) == []
+
+
+def test_workers_beyond_the_cores_are_one_line_before_any_fork(tmp_path, capsys):
+    assert train.parse_args(["--workers", str(data.CORES)]).workers == data.CORES
+    for main, argv in [(train.main, [*TINY, "--out", str(tmp_path / "run")]),
+                       (prior.main, [*PRIOR, "--out", str(tmp_path / "p.json")])]:
+        fails(capsys, main, [*argv, "--workers", str(data.CORES + 1)],
+              f"--workers: must be at most {data.CORES} (the cores this process may run on)")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("extra,term", [
+    (["--subset", str(10 ** 15)], "the images' index (--subset)"),
+    (["--dim", str(10 ** 9), "--heads", "1"], "the weights (--dim"),
+    (["--depth", str(10 ** 14)], "a step's activations"),
+    (["--img-size", str(10 ** 8), "--patch", "1"], "a step's activations"),
+    (["--img-size", str(10 ** 9), "--patch", str(10 ** 9)], "the weights (--dim"),
+    (["--batch-size", str(10 ** 15)], "a step's activations"),
+    (["--learn-order", "--orders-per-step", str(10 ** 14)], "the orders sampled a step"),
+    (["--learn-order", "--orders-per-step", str(10 ** 13), "--granularity", "image"],
+     "the orders sampled a step")])
+def test_a_run_that_cannot_fit_in_memory_is_one_line_before_anything_is_built(
+        tmp_path, capsys, monkeypatch, extra, term):
+    monkeypatch.setattr(data, "build_dataset", lambda *a, **k: pytest.fail("data built first"))
+    monkeypatch.setattr(reorder, "ViT", lambda *a: pytest.fail("model built first"))
+    err = fails(capsys, train.main, [*TINY, "--out", str(tmp_path / "run"), *extra],
+                "this run needs at least")
+    assert "GiB of RAM, which has" in err and f"most for {term}" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_memory_estimate_puts_the_model_on_the_gpu_and_counts_what_the_run_uses(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: argparse.Namespace(total_memory=2 ** 30))
+
+    def check(*extra, device="cuda"):
+        args = train.parse_args([*TINY, *extra])
+        train.check_memory(args, reorder.vit_config(args.model, img_size=args.img_size,
+                                                    patch_size=args.patch, dim=args.dim,
+                                                    depth=args.depth), torch.device(device))
+    big = ["--dim", "2048", "--depth", "2", "--heads", "1"]  # 16 x 2048 x 45,088 bytes: 1.4 GiB
+    with pytest.raises(data.UsageError, match="GiB of the GPU, which has 1 GiB: most for the w"):
+        check(*big)
+    check(*big, device="cpu")  # RAM holds it
+    check("--subset", str(10 ** 7))  # 80 MB of index: RAM, not the GPU's 1 GiB
+    with pytest.raises(data.UsageError, match="GiB of RAM, which has"):
+        check("--subset", str(10 ** 15))
+    check("--data", "fashion-mnist", "--subset", str(10 ** 15))  # at most its 60,000 files
+    check("--orders-per-step", str(10 ** 14))  # K orders are drawn only while learning
+    check("--learn-order", "--orders-per-step", str(10 ** 5))  # 77 MB: K x 16 patches
+    with pytest.raises(data.UsageError, match="GiB of the GPU.*most for the orders sampled"):
+        check("--learn-order", "--orders-per-step", str(10 ** 5), "--granularity", "image")
+
+
+@pytest.mark.parametrize("mixer", reorder.MIXERS)
+def test_the_memory_estimate_is_at_most_what_a_step_holds(monkeypatch, mixer):
+    # what autograd keeps for the backward pass, and 16 bytes a weight (AdamW's state, gradients)
+    args = train.parse_args([*TINY, "--mixer", mixer, "--dim", "64"])
+    cfg = reorder.vit_config("tiny", img_size=16, patch_size=4, dim=64, depth=1, heads=2,
+                             mixer=mixer)
+    model, kept = reorder.ViT(cfg), {}
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randn(args.batch_size, 3, 16, 16))
+    holds = sum(kept.values()) + 16 * sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(os, "sysconf", lambda name: 0)  # no RAM: the error says the estimate
+    with pytest.raises(data.UsageError) as e:
+        train.check_memory(args, cfg, torch.device("cpu"))
+    estimate = float(str(e.value).split("needs at least ")[1].split(" GiB")[0]) * 2 ** 30
+    assert holds / 4 < estimate <= 1.005 * holds  # 3 digits printed; bimamba keeps 2.4x
+
+
+def test_ctrl_c_while_starting_is_one_line_status_130_and_nothing_written(tmp_path, capsys,
+                                                                           monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "build_dataset", interrupted)
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, "--out", str(tmp_path / "run")])
+    assert e.value.code == 130 and capsys.readouterr().err == train.STOPPED + "\n"
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_train_py_imports_is_one_line_and_status_130(tmp_path):
+    (tmp_path / "tqdm.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n")
+    done = subprocess.run([sys.executable, os.path.abspath(train.__file__), *TINY, "--out",
+                           str(tmp_path / "run")], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path),
+                               "PYTHONDONTWRITEBYTECODE": "1"}, timeout=300)
+    assert done.returncode == 130 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == train.STOPPED and os.listdir(tmp_path) == ["tqdm.py"]
+
+
+@pytest.mark.parametrize("task", ["pairs", "neighbours", "majority"])
+@pytest.mark.parametrize("size,rows", [(4, 1), (12, 3)])
+def test_a_pairs_task_on_too_few_or_odd_patch_rows_is_one_line(tmp_path, capsys, task, size,
+                                                              rows):
+    fails(capsys, train.main, [*TINY, "--data", task, "--img-size", str(size), "--patch", "4",
+                               "--out", str(tmp_path / "run")],
+          f"needs a multiple of 2 patch rows, got {rows}")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["a read-only folder", "under a file"])
+def test_no_fashion_mnist_and_nowhere_to_download_it_is_one_line(tmp_path, capsys, monkeypatch,
+                                                                where):
+    root = tmp_path / "empty"
+    if where == "a read-only folder":  # root ignores permissions: mkdtemp refuses as it would
+        def read_only(*args, dir=None, **kwargs):
+            raise PermissionError(13, "Permission denied", os.path.join(dir, ".download-x"))
+        monkeypatch.setattr(data.tempfile, "mkdtemp", read_only)
+        root.mkdir()
+    else:
+        (tmp_path / "afile").write_text("a file")
+        root = tmp_path / "afile" / "fm"
+    before = snapshot(tmp_path)
+    for main, argv in [(train.main, [*TINY, "--out", str(tmp_path / "run")]),
+                       (prior.main, [*PRIOR, "--out", str(tmp_path / "p.json")])]:
+        fails(capsys, main, [*argv, "--data", "fashion-mnist", "--root", str(root)],
+              "is not in " + str(root) + " and could not be downloaded (")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("heads", 0, "'heads': 0"), ("heads", -3, "'heads': -3"), ("dim", 0, "'width': 0"),
+    ("depth", 0, "'depth': 0"), ("dim", 192.0, "'width': 192.0"), ("heads", 5, "not divisible")])
+def test_a_vit_config_of_no_size_is_a_one_line_value_error(field, value, message):
+    with pytest.raises(ValueError) as e:
+        reorder.ViT(reorder.ViTConfig(**{field: value}))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("mixer", ["mamba", "bimamba"])
+def test_a_scan_takes_any_width_its_unused_heads_do_not_divide(tmp_path, mixer):
+    assert reorder.ViT(reorder.ViTConfig(mixer=mixer, dim=16, depth=1, heads=0)).cfg.dim == 16
+    args = train.parse_args([*TINY, "--mixer", mixer, "--dim", "16", "--heads", "3", "--out",
+                             str(tmp_path / "run")])
+    assert train.check_inputs(args, torch.device("cpu"))[2].cfg.heads == 3
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_priors_bigram_symbols_tell_every_pair_of_codes_apart(monkeypatch):
+    # a codebook of K - 1 in the symbol c0 * K + c1 made pairs collide, unnoticed (issue 32)
+    k = 3
+    codes = np.array([(a, b) for a in range(k) for b in range(k)]).ravel()  # each pair once
+    bigrams = np.frombuffer(prior.streams(codes, k)[1], dtype=np.uint8)
+    assert sorted(bigrams.tolist()) == list(range(k * k))
+    seen, streams = [], prior.streams
+    monkeypatch.setattr(prior, "streams", lambda c, size: seen.append((c.max(), size)) or
+                        streams(c, size))
+    images = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    table = prior.compressibility(images, 4, codebook=5, workers=1, progress=False)
+    assert {size for _, size in seen} == {table["codebook"]} == {5}
+    assert max(code for code, _ in seen) == 4  # every code below the codebook's size
+
+
+def test_draw_orders_past_256_patches_a_side_is_one_line_before_any_order_is_made(
+        tmp_path, capsys, monkeypatch):
+    class Reached(Exception):
+        """reorder.order called: the grid was accepted."""
+
+    def reached(*args, **kwargs):
+        raise Reached
+    monkeypatch.setattr(reorder, "order", reached)
+    png = str(tmp_path / "d.png")
+    with pytest.raises(Reached):
+        train.main(["--draw-orders", png, "--img-size", "256", "--patch", "1"])
+    for size in ("257", str(10 ** 18)):
+        fails(capsys, train.main, ["--draw-orders", png, "--img-size", size, "--patch", "1"],
+              f"at most 256 patches a side, got {size} x {size}")
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_memory_estimate_of_a_small_run_by_hand(monkeypatch):
+    # TINY: width 32 (hidden 128), 1 layer, 4 x 4 patches of 4 x 4 pixels, batch 16, 1 order, 128
+    # synthetic images. Weights 16 x 32 x ((2 x 128 + 3 x 32) x 1 + 16 + 16) = 196,608 bytes;
+    # activations 4 x 16 x 16 x (16 + 4 x 128 x 1) = 540,672; orders 48 x 16 = 768; the index
+    # 8 x 128 = 1,024: 739,072 bytes, 0.000688 GiB
+    args = train.parse_args(TINY)
+    monkeypatch.setattr(os, "sysconf", lambda name: 0)  # no RAM: the error says the estimate
+    with pytest.raises(data.UsageError, match=r"needs at least 0\.000688 GiB of RAM"):
+        train.check_memory(args, reorder.vit_config("tiny", img_size=16, patch_size=4, dim=32,
+                                                    depth=1), torch.device("cpu"))
