@@ -319,9 +319,10 @@ def run_folder(out):
         yield accept
     finally:
         os.close(lock)
-        if created and os.listdir(out) == ["train.lock"]:  # made here, and nothing written
-            os.remove(path)
-            os.rmdir(out)
+        with suppress(OSError):  # the folder deleted or made read-only: the error is said once
+            if created and os.listdir(out) == ["train.lock"]:  # made here, and nothing written
+                os.remove(path)
+                os.rmdir(out)
 
 
 def claim(args, steps_per_epoch, num_patches):

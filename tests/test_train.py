@@ -1,6 +1,7 @@
 """train.py: the curriculum end to end, resume after SIGKILL, 2-rank DDP, bad input."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -869,3 +870,30 @@ def test_a_known_answer_run_shows_its_partners_each_epoch_and_says_if_it_reached
 
 def perm_of(path):
     return torch.load(path, weights_only=True)["perm"]
+
+
+# ---- issue 32: the run folder under kills, user files, links and removal; checkpoints; two ranks
+# emulated in-process (train.RANK/WORLD and the collectives monkeypatched) ------------------------
+
+@pytest.mark.parametrize("how", ["deleted", "renamed"])
+def test_the_run_folder_removed_mid_run_is_one_line_and_what_was_saved_resumes(
+        tmp_path, monkeypatch, capsys, how):
+    # issue 32.4: the one-line error, then run_folder's cleanup raised again (two tracebacks)
+    argv = [*TINY, "--epochs", "2", "--save-every", "3"]
+    whole = run(tmp_path, *argv, name="whole")["out"]
+    out, moved = tmp_path / "run", tmp_path / "moved"
+    real = data.atomic_path
+
+    @contextmanager
+    def removing(path, *mode):
+        if os.path.basename(path) == "best.pt" and out.exists():  # the first epoch's end
+            shutil.rmtree(out) if how == "deleted" else out.rename(moved)
+        with real(path, *mode) as f:
+            yield f
+    monkeypatch.setattr(data, "atomic_path", removing)
+    err = fails(capsys, [*argv, "--out", str(out)], "cannot write")
+    assert "Traceback" not in err and not out.exists()
+    monkeypatch.undo()
+    if how == "renamed":  # what was saved before: resumed
+        train.main([*argv, "--out", str(moved), "--resume"])
+        assert without_seconds(metrics(moved)) == without_seconds(metrics(whole))
