@@ -325,7 +325,7 @@ def run_folder(out):
                 os.rmdir(out)
 
 
-def claim(args, steps_per_epoch, num_patches):
+def claim(args, steps_per_epoch):
     """Under the lock: the checkpoint --resume continues, checked whole before anything is
     written; or None for a fresh run, in a folder that holds no work to lose."""
     at = functools.partial(os.path.join, args.out)
@@ -345,7 +345,7 @@ def claim(args, steps_per_epoch, num_patches):
         return None
     try:
         ckpt = data.read_torch(last)
-        check_checkpoint(ckpt, num_patches)
+        check_checkpoint(ckpt)
     except Exception as e:
         raise damaged(last, e) from None
     diff = [f"--{k.replace('_', '-')} {ckpt['config'].get(k)} (now {v})" for k, v in
@@ -369,11 +369,11 @@ def damaged(last, e):
                       f"--out")
 
 
-def check_checkpoint(ckpt, num_patches):
+def check_checkpoint(ckpt):
     """A ValueError naming the first part of a checkpoint that train.py could not use as it is
     (hand-edited, or damaged where the zip's CRCs cannot see): what is loaded into an object is a
     dict, what train.py reads itself has its type (and is strict JSON where it is written again),
-    the start order is one order, every floating tensor is finite."""
+    the start order is one order of its grid, every floating tensor is finite."""
     def real(x):
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
     parts = ("model", "optimizer", "scheduler", "scaler", "baseline", "rng", "progress", "config")
@@ -393,7 +393,9 @@ def check_checkpoint(ckpt, num_patches):
                                               rank.items()) for rank in p["sums"]):
         raise ValueError("progress.sums is not, for each rank, a dict of names to finite numbers")
     json.dumps([p, ckpt["config"]], allow_nan=False)  # written again: metrics.jsonl, last.pt
-    data.check_order(ckpt.get("start_perm"), num_patches)
+    config = ckpt["config"]  # its own grid: another run's is refused as another, not as damage
+    data.check_order(ckpt.get("start_perm"), math.prod(reorder.grid_size(config.get("img_size"),
+                                                                          config.get("patch"))))
     if not (real(baseline.get("momentum")) and (baseline.get("value") is None or real(
             baseline["value"])) and type(ckpt["scheduler"].get("last_epoch")) is int):
         raise ValueError("the baseline's momentum and value, or the scheduler's step, are no "
@@ -568,7 +570,7 @@ def begin(args, model, train_set, device, steps_per_epoch, accept):
     object a checkpoint restores, by name; meta, what it keeps besides (start order, flags).
     accept() (run_folder's) once the folder holds no work (a fresh run), or once the checkpoint
     is loaded into every object (--resume): before, nothing is written."""
-    ckpt = claim(args, steps_per_epoch, model.num_patches)  # what --resume continues, or None
+    ckpt = claim(args, steps_per_epoch)  # what --resume continues, or None
     if ckpt is None:
         accept()
     start_perm, order_name, prior_table = (ckpt["start_perm"], ckpt.get("order_name"), None) \

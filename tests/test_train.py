@@ -621,6 +621,10 @@ EDITS = {  # a hand-edited last.pt, one epoch of two done (more in test_hostile.
     "step negative": (lambda c: c["progress"].update(done_in_epoch=-1), "does not fit this run"),
     "history short": (lambda c: c["progress"].update(history=[]), "does not fit this run"),
     "sums of two ranks": (lambda c: c["progress"]["sums"].append({}), "does not fit this run"),
+    # issue 32: the start order is one of its own grid
+    "start_perm of another grid": (lambda c: c.update(start_perm=torch.arange(9)),
+                                   "is damaged (ValueError: an order must be a LongTensor of "
+                                   "shape [..., 16], got torch.int64 (9,)"),
 }
 
 
@@ -897,3 +901,10 @@ def test_the_run_folder_removed_mid_run_is_one_line_and_what_was_saved_resumes(
     if how == "renamed":  # what was saved before: resumed
         train.main([*argv, "--out", str(moved), "--resume"])
         assert without_seconds(metrics(moved)) == without_seconds(metrics(whole))
+
+
+def test_resume_with_another_image_size_is_another_run_not_damage(tmp_path, capsys):
+    out = run(tmp_path, "--epochs", "1")["out"]
+    err = fails(capsys, [*TINY, "--epochs", "1", "--out", out, "--resume", "--img-size", "32"],
+                "does not match this run: it was trained with --img-size 16 (now 32)")
+    assert "damaged" not in err
