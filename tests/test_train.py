@@ -16,6 +16,7 @@ import torch
 import data
 import reorder
 import train
+from test_hostile import snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--data", "synthetic", "--subset", "128", "--val-subset", "64", "--batch-size", "16",
@@ -664,7 +665,7 @@ def test_a_folder_holding_any_run_output_is_refused_and_no_advice_loses_work(tmp
     assert "delete" not in err and "another --out" in err
     os.remove(os.path.join(out, "last.pt"))  # ... then removed by hand, then a new run there
     err = fails(capsys, [*TINY, "--epochs", "1", "--seed", "1", "--out", out],
-                "already holds a run")
+                "but no last.pt to resume: choose another --out")
     assert "delete" not in err
     for name, content in kept.items():
         if name != "last.pt":
@@ -762,7 +763,7 @@ def test_a_kill_while_the_last_epochs_outputs_are_written_is_redone_by_resume(
 def test_resume_refuses_or_applies_and_records_changed_flags(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "run")
     argv = [*TINY, "--epochs", "2", "--learn-order", "--policy-lr", "0.05", "--out", out]
-    kill_at_write(monkeypatch, "metrics.jsonl", nth=2)  # at the end of the second epoch
+    kill_at_write(monkeypatch, "last.pt", nth=2)  # at the end of the second epoch
     with pytest.raises(Killed):
         train.main(argv)
     monkeypatch.undo()
@@ -908,3 +909,125 @@ def test_resume_with_another_image_size_is_another_run_not_damage(tmp_path, caps
     err = fails(capsys, [*TINY, "--epochs", "1", "--out", out, "--resume", "--img-size", "32"],
                 "does not match this run: it was trained with --img-size 16 (now 32)")
     assert "damaged" not in err
+
+
+def die_at_write(monkeypatch, nth):
+    """The nth file written (any name) dies as a SIGKILL there would: with a part of it written
+    to name.tmp, which nothing removes."""
+    real, count = data.atomic_path, []
+
+    @contextmanager
+    def dying(path, *mode):
+        count.append(path)
+        if len(count) == nth:
+            with open(f"{path}.tmp", "wb") as f:
+                f.write(b"PK\x03\x04 torn")
+            raise Killed
+        with real(path, *mode) as f:
+            yield f
+    monkeypatch.setattr(data, "atomic_path", dying)
+    return count
+
+
+def outcome(capsys, argv):
+    """("resumed" | "fresh", the refusal of the other): --resume, else a fresh run."""
+    try:
+        train.main([*argv, "--resume"])
+    except SystemExit:
+        refused = capsys.readouterr().err
+        assert "nothing to resume" in refused and "start without --resume" in refused, refused
+        train.main(argv)
+        return "fresh", refused
+    refused = fails(capsys, argv, "already holds a run (last.pt): pass --resume")
+    return "resumed", refused
+
+
+# the writes of a fresh run to the first epoch's end, in order (docs/training.md)
+FIRST_WRITES = ["config.json", "last.pt", "best.pt", "metrics.jsonl", "order.pt", "order.png",
+                "curve.png"]
+KILLED = [*TINY, "--epochs", "2", "--save-every", "0", "--learn-order", "--policy-lr", "0.05"]
+
+
+@pytest.fixture(scope="module")
+def unkilled(tmp_path_factory):
+    return train.main([*KILLED, "--out", str(tmp_path_factory.mktemp("whole") / "run")])["out"]
+
+
+@pytest.mark.parametrize("nth", range(1, len(FIRST_WRITES) + 1))
+def test_a_kill_at_any_write_of_the_first_epoch_leaves_a_folder_resume_or_a_new_run_uses(
+        tmp_path, monkeypatch, capsys, unkilled, nth):
+    # issue 32.2: a kill after best.pt and before last.pt left a folder both refused
+    out = str(tmp_path / "killed")
+    written = die_at_write(monkeypatch, nth)
+    with pytest.raises(Killed):
+        train.main([*KILLED, "--out", out])
+    assert [os.path.basename(p) for p in written] == FIRST_WRITES[:nth]
+    monkeypatch.undo()
+    how, _ = outcome(capsys, [*KILLED, "--out", out])
+    assert how == ("fresh" if nth <= FIRST_WRITES.index("last.pt") + 1 else "resumed")
+    assert "the run is complete" not in capsys.readouterr().out
+    assert without_seconds(metrics(out)) == without_seconds(metrics(unkilled))
+    assert sorted(os.listdir(out)) == sorted(os.listdir(unkilled))  # no name.tmp left
+    a, b = (torch.load(os.path.join(d, "best.pt"), weights_only=True) for d in (unkilled, out))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_kill_while_the_pid_is_written_over_a_longer_one_leaves_a_lock_of_ours(
+        tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train.lock").write_text("123456789012\n")  # a killed run's pid, longer than ours
+
+    def killed(fd, length):
+        raise Killed
+    monkeypatch.setattr(os, "ftruncate", killed)  # the pid written, the rest not yet cut
+    with pytest.raises(Killed):
+        run(tmp_path, "--epochs", "1")
+    monkeypatch.undo()
+    assert (out / "train.lock").read_text().startswith(f"{os.getpid()}\n")
+    assert outcome(capsys, [*TINY, "--epochs", "1", "--out", str(out)])[0] == "fresh"
+    assert (out / "train.lock").read_text() == f"{os.getpid()}\n"  # cut to the pid
+
+
+USERS = {"config.json": "{\"mine\": 1}", "prior.json": "[]", "order.png": "my picture",
+         "curve.png": "my curve", "metrics.jsonl": "{}\n", "order.pt": "mine", "best.pt": "mine",
+         "last.pt": "mine"}
+
+
+@pytest.mark.parametrize("name", list(USERS) + ["train.lock"])
+def test_a_new_run_replaces_no_file_it_did_not_write(tmp_path, capsys, name):
+    # issue 32.3: the user's config.json, order.png, curve.png and train.lock were overwritten
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / name).write_text(USERS.get(name, "my notes\n"))
+    before = snapshot(out)
+    message = "holds something other than a pid" if name == "train.lock" else \
+        "pass --resume" if name == "last.pt" else "but no last.pt to resume: choose another --out"
+    for _ in range(2):  # the second time with the empty lock the first one left: still refused
+        fails(capsys, [*TINY, "--epochs", "1", "--out", str(out)], message)
+        assert {k: v for k, v in snapshot(out).items() if k != "train.lock" or
+                name == "train.lock"} == before
+    if name != "last.pt":
+        err = fails(capsys, [*TINY, "--epochs", "1", "--out", str(out), "--resume"],
+                    "nothing to resume" if name != "train.lock" else "other than a pid")
+        assert "start without --resume" not in err
+
+
+def test_resume_into_an_empty_existing_folder_keeps_the_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    fails(capsys, [*TINY, "--epochs", "1", "--out", str(out), "--resume"],
+          "nothing to resume")
+    assert out.is_dir() and os.listdir(out) == ["train.lock"]  # made, and left: see run_folder
+    fails(capsys, [*TINY, "--epochs", "1", "--out", str(tmp_path / "new"), "--resume"],
+          "nothing to resume")
+    assert not (tmp_path / "new").exists()  # made by the run, nothing written: removed
+
+
+def test_a_train_lock_holding_a_longer_old_pid_is_cut_to_ours(tmp_path, capsys):
+    out = run(tmp_path, "--epochs", "1", "--save-every", "3")["out"]
+    with open(os.path.join(out, "train.lock"), "w") as f:
+        f.write("99999999999999999\n")
+    run(tmp_path, "--epochs", "1", "--save-every", "3", "--resume")
+    assert open(os.path.join(out, "train.lock")).read() == f"{os.getpid()}\n"
+    assert f"{out}: the run is complete (1 epochs)" in capsys.readouterr().out
