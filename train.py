@@ -346,6 +346,9 @@ def refusal(out, resume, ran_here):
     if in_way:
         return f"{at(in_way[0])} is a folder where this run writes a file: move it, or choose " \
                f"another --out"
+    if resume and os.path.islink(at("last.pt")):
+        return f"{at('last.pt')} is a symbolic link: --resume reads no checkpoint through a " \
+               f"link: copy the file there, or choose another --out"
     if resume and "last.pt" not in found:
         return f"nothing to resume: {at('last.pt')} does not exist" + (
             ": start without --resume (no run saved a state there)" if fresh else
@@ -371,7 +374,7 @@ def claim(args, steps_per_epoch, ran_here):
     if not args.resume:
         return None
     try:
-        ckpt = data.read_torch(last)
+        ckpt = data.read_torch(last, follow=False)
         check_checkpoint(ckpt)
     except Exception as e:
         raise damaged(last, e) from None

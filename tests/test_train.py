@@ -1031,3 +1031,19 @@ def test_a_train_lock_holding_a_longer_old_pid_is_cut_to_ours(tmp_path, capsys):
     run(tmp_path, "--epochs", "1", "--save-every", "3", "--resume")
     assert open(os.path.join(out, "train.lock")).read() == f"{os.getpid()}\n"
     assert f"{out}: the run is complete (1 epochs)" in capsys.readouterr().out
+
+
+def test_resume_reads_no_checkpoint_through_a_link(tmp_path, capsys):
+    # issue 32.3: a last.pt linking to a checkpoint outside --out was resumed from
+    elsewhere = run(tmp_path, "--epochs", "2", "--save-every", "3", name="elsewhere")["out"]
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train.lock").write_text("999999\n")
+    (out / "last.pt").symlink_to(os.path.join(elsewhere, "last.pt"))
+    before = snapshot(tmp_path)
+    fails(capsys, [*TINY, "--epochs", "2", "--save-every", "3", "--out", str(out), "--resume"],
+          "last.pt is a symbolic link: --resume reads no checkpoint through a link")
+    assert snapshot(tmp_path) == before
+    with pytest.raises(OSError):  # the read itself follows no link either
+        data.read_torch(str(out / "last.pt"), follow=False)
+    assert data.read_torch(str(out / "last.pt"))["progress"]["epoch"] == 2
