@@ -413,9 +413,10 @@ def check_checkpoint(ckpt):
     p, baseline = ckpt["progress"], ckpt["baseline"]
     if not (type(p.get("epoch")) is type(p.get("done_in_epoch")) is int and isinstance(
             p.get("history"), list) and isinstance(p.get("sums"), list) and isinstance(
-            p.get("changed"), dict)):
+            p.get("changed"), dict) and type(p.get("best", 0)) is int and  # none before epoch 1
+            0 <= p.get("best", 0) < max(1, len(p["history"]))):
         raise ValueError("progress is not {epoch: int, done_in_epoch: int, history: list, "
-                         "sums: list, changed: dict}")
+                         "sums: list, changed: dict, best: an epoch of history}")
     if not all(isinstance(row, dict) and row.get("epoch") == k and (row.get("val_top1", 0) is None
                or real(row.get("val_top1"))) for k, row in enumerate(p["history"])):
         raise ValueError("progress.history is not one dict of metrics per epoch")
@@ -487,9 +488,20 @@ def checkpoint(state, meta, progress, rng):
             "progress": {**progress, "sums": sums}, "rng": rng}
 
 
+def best_epoch(progress, out):
+    """The epoch whose state best.pt holds once the last epoch of `progress` is saved: that
+    epoch if its val top-1 beats the one best.pt holds (a tie keeps the earlier epoch), or if
+    there is none yet or best.pt is gone (deleted: written again, the best from there on)."""
+    history, best = progress["history"], progress.get("best")
+    top = [-1 if line["val_top1"] is None else line["val_top1"] for line in history]
+    if best is None or top[-1] > top[best] or not os.path.lexists(os.path.join(out, "best.pt")):
+        return len(history) - 1
+    return best
+
+
 def save(out, ckpt, grid, order_now=None, pairs=None):
     """last.pt, the whole state in one dict, written atomically by rank 0; at an epoch's end
-    (order_now given) then that epoch's outputs: best.pt if it is the best so far, metrics.jsonl,
+    (order_now given) then that epoch's outputs: best.pt if it holds this epoch, metrics.jsonl,
     order.pt, order.png (the start and this order; `pairs` marked on a known-answer task),
     curve.png. A kill before they are all written leaves last.pt at the epoch's end, from which
     --resume writes them again."""
@@ -500,8 +512,7 @@ def save(out, ckpt, grid, order_now=None, pairs=None):
     data.atomic_save(buffer.getvalue(), os.path.join(out, "last.pt"))
     if order_now is not None:
         history = ckpt["progress"]["history"]
-        tops = [-1 if line["val_top1"] is None else line["val_top1"] for line in history]
-        if tops.index(max(tops)) == len(tops) - 1:
+        if ckpt["progress"].get("best") == len(history) - 1:
             data.atomic_save(buffer.getvalue(), os.path.join(out, "best.pt"))
         with data.atomic_path(os.path.join(out, "metrics.jsonl"), "w") as f:
             f.writelines(json.dumps(line) + "\n" for line in history)
@@ -740,7 +751,8 @@ def train(args):
             progress["history"].append(epoch_record(
                 progress, args, steps_per_epoch, top1, top5, scheduler.get_last_lr()[0],
                 order_now, start_perm, device, time.time() - t0, pairs))
-            progress.update(epoch=epoch + 1, done_in_epoch=0, sums={}, changed={})
+            progress.update(epoch=epoch + 1, done_in_epoch=0, sums={}, changed={},
+                            best=best_epoch(progress, args.out))
             due = "epoch"
             say_epoch(progress["history"][-1], start_perm, classes, pairs)
         if due:  # the last epoch: there is no later step to wait for

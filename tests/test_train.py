@@ -622,7 +622,9 @@ EDITS = {  # a hand-edited last.pt, one epoch of two done (more in test_hostile.
     "step negative": (lambda c: c["progress"].update(done_in_epoch=-1), "does not fit this run"),
     "history short": (lambda c: c["progress"].update(history=[]), "does not fit this run"),
     "sums of two ranks": (lambda c: c["progress"]["sums"].append({}), "does not fit this run"),
-    # issue 32: the start order is one of its own grid
+    # issue 32: best.pt's epoch is one of the history; the start order one of its own grid
+    "best past the history": (lambda c: c["progress"].update(best=1), "is damaged (ValueError: "
+                              "progress is not"),
     "start_perm of another grid": (lambda c: c.update(start_perm=torch.arange(9)),
                                    "is damaged (ValueError: an order must be a LongTensor of "
                                    "shape [..., 16], got torch.int64 (9,)"),
@@ -635,7 +637,8 @@ def test_a_hand_edited_checkpoint_is_one_line_and_nothing_is_written(tmp_path, c
     last = os.path.join(out, "last.pt")
     ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=True)
     ckpt = torch.load(last, weights_only=True) if ckpt["progress"]["epoch"] != 1 else ckpt
-    ckpt["progress"].update(epoch=1, done_in_epoch=0, history=ckpt["progress"]["history"][:1])
+    ckpt["progress"].update(epoch=1, done_in_epoch=0, history=ckpt["progress"]["history"][:1],
+                            best=0)
     EDITS[edit][0](ckpt)
     torch.save(ckpt, last)
     before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
@@ -1047,3 +1050,46 @@ def test_resume_reads_no_checkpoint_through_a_link(tmp_path, capsys):
     with pytest.raises(OSError):  # the read itself follows no link either
         data.read_torch(str(out / "last.pt"), follow=False)
     assert data.read_torch(str(out / "last.pt"))["progress"]["epoch"] == 2
+
+
+def fake_tops(monkeypatch, tops):
+    """evaluate() gives these val top-1s, one per epoch, in turn."""
+    tops = list(tops)
+    monkeypatch.setattr(train, "evaluate", lambda *a: (tops.pop(0), 100.0))
+
+
+def best_holds(out):
+    """The epoch whose state best.pt holds."""
+    return torch.load(os.path.join(out, "best.pt"), weights_only=True)["progress"]["epoch"] - 1
+
+
+def test_best_pt_keeps_the_earlier_of_equal_epochs(tmp_path, monkeypatch):
+    fake_tops(monkeypatch, [50.0, 50.0, 40.0])
+    out = run(tmp_path, "--epochs", "3")["out"]
+    assert best_holds(out) == 0
+    fake_tops(monkeypatch, [40.0, 50.0, 50.0])
+    assert best_holds(run(tmp_path, "--epochs", "3", name="later")["out"]) == 1
+
+
+def test_a_deleted_best_pt_is_written_again_the_best_from_there_on(tmp_path, monkeypatch, capsys):
+    argv = ["--epochs", "4", "--save-every", "0"]
+    fake_tops(monkeypatch, [60.0, 40.0, 45.0])
+    kill_at_write(monkeypatch, "last.pt", nth=3)  # last.pt: epochs 0 and 1 done, best.pt epoch 0
+    with pytest.raises(Killed):
+        run(tmp_path, *argv)
+    monkeypatch.undo()
+    out = tmp_path / "run"
+    os.remove(out / "best.pt")
+    fake_tops(monkeypatch, [45.0, 50.0])  # epoch 2 (again), 3: worse than 60, better than 40
+    run(tmp_path, *argv, "--resume")
+    assert best_holds(out) == 3  # written again at epoch 2, then replaced by the better 3
+    # resumed at the end of the best epoch so far: its best.pt is written again at once
+    kill_at_write(monkeypatch, "last.pt", nth=2)  # last.pt: epoch 0 done
+    fake_tops(monkeypatch, [40.0, 30.0])
+    with pytest.raises(Killed):
+        run(tmp_path, *argv, name="again")
+    monkeypatch.undo()
+    os.remove(tmp_path / "again" / "best.pt")
+    fake_tops(monkeypatch, [10.0, 10.0, 10.0])
+    run(tmp_path, *argv, "--resume", name="again")
+    assert best_holds(tmp_path / "again") == 0
