@@ -1093,3 +1093,73 @@ def test_a_deleted_best_pt_is_written_again_the_best_from_there_on(tmp_path, mon
     fake_tops(monkeypatch, [10.0, 10.0, 10.0])
     run(tmp_path, *argv, "--resume", name="again")
     assert best_holds(tmp_path / "again") == 0
+
+
+@pytest.mark.parametrize("where", ["model.head.weight", "optimizer.state.0.exp_avg_sq"])
+def test_a_checkpoint_holding_an_infinity_and_no_nan_is_damaged(tmp_path, capsys, where):
+    out = run(tmp_path, "--epochs", "2", "--save-every", "3")["out"]
+    last = os.path.join(out, "last.pt")
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["progress"].update(epoch=1, done_in_epoch=3, history=ckpt["progress"]["history"][:1])
+    t = ckpt["model"]["head.weight"] if where.startswith("model") else \
+        ckpt["optimizer"]["state"][0]["exp_avg_sq"]
+    t.view(-1)[0] = float("inf")
+    torch.save(ckpt, last)
+    fails(capsys, [*TINY, "--epochs", "2", "--save-every", "3", "--out", out, "--resume"],
+          f"is damaged (ValueError: {where} holds a NaN or an infinity)")
+
+
+def test_a_dangling_link_at_name_tmp_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    png = tmp_path / "orders.png"
+    (tmp_path / "orders.png.tmp").symlink_to(tmp_path / "nowhere")
+    monkeypatch.setattr(data, "draw_orders", lambda *a, **k: pytest.fail("drawn"))
+    fails(capsys, ["--draw-orders", str(png), "--img-size", "16", "--patch", "4"],
+          "orders.png.tmp is in the way")
+    assert sorted(os.listdir(tmp_path)) == ["orders.png.tmp"]
+
+
+def test_batch_noise_is_zero_where_the_variance_rounds_below_zero():
+    progress = {"epoch": 1, "sums": {}, "changed": {}}
+    for _ in range(3):  # three steps with the same reward
+        reward = torch.tensor(-0.1, dtype=torch.float64)
+        train.add(progress, reward=reward, reward_sq=reward ** 2, neg_logp=1.0, spread=0.0,
+                  policy_steps=1, loss=1.0, correct=1, images=2, tau=0.1, steps=1)
+    s = progress["sums"]
+    assert float(s["reward_sq"] / 3 - (s["reward"] / 3) ** 2) < 0  # rounds below zero
+    args = SimpleNamespace(learn_order=True, policy_start=0, policy_epochs=2, tau_max=0.2,
+                           fixed_tau=0.0)
+    line = train.epoch_record(progress, args, 3, 50.0, 75.0, 1e-3, torch.arange(4),
+                              torch.arange(4), torch.device("cpu"), 1.0)
+    assert line["batch_noise"] == 0.0
+
+
+def emulate_rank(monkeypatch, rank, world=2):
+    """This process as rank `rank` of `world`: the collectives do nothing but what each test
+    makes them do."""
+    for name, value in (("RANK", rank), ("WORLD", world), ("WRITER", rank == 0)):
+        monkeypatch.setattr(train, name, value)
+    monkeypatch.setattr(train.dist, "broadcast_object_list", lambda objects, src: None)
+
+
+def test_each_rank_resumes_its_own_running_sums(tmp_path, monkeypatch):
+    out = run(tmp_path, "--epochs", "1", "--save-every", "3")["out"]
+    last = os.path.join(out, "last.pt")
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["config"]["world"] = 2
+    ckpt["progress"]["sums"] = [{"loss": 1.0}, {"loss": 2.0}]
+    torch.save(ckpt, last)
+    emulate_rank(monkeypatch, 1)
+    args = train.parse_args([*TINY, "--epochs", "1", "--save-every", "3", "--out", out,
+                             "--resume"])
+    train_set, _, model = train.check_inputs(args)
+    progress = train.begin(args, model, train_set, torch.device("cpu"), 4, lambda: None,
+                           None)[1]
+    assert progress["sums"] == {"loss": 2.0}
+
+
+def test_the_ema_baseline_of_one_order_per_image_is_the_mean_over_ranks(monkeypatch):
+    emulate_rank(monkeypatch, 0)
+    monkeypatch.setattr(train.dist, "all_reduce",  # the other rank's mean reward: -4
+                        lambda t, **k: t.add_(torch.tensor(-4.0, dtype=t.dtype)))
+    seen, _ = reinforce_sees(monkeypatch, torch.tensor([[1.0, 3.0]]), "image", "ema")
+    assert float(seen["baseline"]) == -3.0  # (-2 + -4) / 2, not this rank's -2
