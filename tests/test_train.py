@@ -1163,3 +1163,18 @@ def test_the_ema_baseline_of_one_order_per_image_is_the_mean_over_ranks(monkeypa
                         lambda t, **k: t.add_(torch.tensor(-4.0, dtype=t.dtype)))
     seen, _ = reinforce_sees(monkeypatch, torch.tensor([[1.0, 3.0]]), "image", "ema")
     assert float(seen["baseline"]) == -3.0  # (-2 + -4) / 2, not this rank's -2
+
+
+@pytest.mark.slow
+def test_sigkill_as_soon_as_metrics_jsonl_appears_leaves_a_run_that_resume_continues(
+        tmp_path, capsys):
+    # issue 32.2 as reported: SIGKILL in epoch 0's end-of-epoch save, as soon as metrics.jsonl
+    # appears, left best.pt and no last.pt, a folder both --resume and a new run refused
+    out = tmp_path / "run"
+    argv = [*TINY, "--epochs", "2", "--save-every", "0", "--out", str(out)]
+    proc = slow_run(tmp_path, argv, delay=0.2)
+    wait_for(lambda: (out / "metrics.jsonl").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert outcome(capsys, argv)[0] == "resumed"
+    assert [line["epoch"] for line in metrics(out)] == [0, 1]
