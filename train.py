@@ -300,7 +300,7 @@ def run_folder(out):
         lock = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
         regular = stat.S_ISREG(os.fstat(lock).st_mode) and os.fstat(lock).st_nlink == 1
         held = os.pread(lock, 64, 0) if regular else b"?"
-        if held.translate(None, b"0123456789\n"):
+        if held.translate(None, b"0123456789\n") or len(held) > 32:  # a pid: 8 bytes at most
             os.close(lock)
             raise OSError("a file that holds something other than a pid" if regular else
                           "a FIFO, a device, or a file with a second name (a hard link)")
@@ -320,7 +320,7 @@ def run_folder(out):
         pid = f"{os.getpid()}\n".encode()
         os.pwrite(lock, pid, 0)
         os.ftruncate(lock, len(pid))
-        for name in OUTPUTS:  # what a write killed mid-way left (claim: no folder is in the way)
+        for name in OUTPUTS:  # what a write killed mid-way left (refusal: no folder in the way)
             with suppress(FileNotFoundError):
                 os.remove(os.path.join(out, f"{name}.tmp"))
     try:

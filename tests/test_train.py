@@ -992,17 +992,18 @@ def test_a_kill_while_the_pid_is_written_over_a_longer_one_leaves_a_lock_of_ours
     assert (out / "train.lock").read_text() == f"{os.getpid()}\n"  # cut to the pid
 
 
-USERS = {"config.json": "{\"mine\": 1}", "prior.json": "[]", "order.png": "my picture",
-         "curve.png": "my curve", "metrics.jsonl": "{}\n", "order.pt": "mine", "best.pt": "mine",
-         "last.pt": "mine"}
+USERS = [("config.json", "{\"mine\": 1}"), ("prior.json", "[]"), ("order.png", "my picture"),
+         ("curve.png", "my curve"), ("metrics.jsonl", "{}\n"), ("order.pt", "mine"),
+         ("best.pt", "mine"), ("last.pt", "mine"), ("train.lock", "my notes\n"),
+         ("train.lock", "1234567890\n" * 8)]  # digits, but no pid: too long
 
 
-@pytest.mark.parametrize("name", list(USERS) + ["train.lock"])
-def test_a_new_run_replaces_no_file_it_did_not_write(tmp_path, capsys, name):
+@pytest.mark.parametrize("name,content", USERS)
+def test_a_new_run_replaces_no_file_it_did_not_write(tmp_path, capsys, name, content):
     # issue 32.3: the user's config.json, order.png, curve.png and train.lock were overwritten
     out = tmp_path / "run"
     out.mkdir()
-    (out / name).write_text(USERS.get(name, "my notes\n"))
+    (out / name).write_text(content)
     before = snapshot(out)
     message = "holds something other than a pid" if name == "train.lock" else \
         "pass --resume" if name == "last.pt" else "but no last.pt to resume: choose another --out"
