@@ -995,7 +995,8 @@ def test_a_kill_while_the_pid_is_written_over_a_longer_one_leaves_a_lock_of_ours
 USERS = [("config.json", "{\"mine\": 1}"), ("prior.json", "[]"), ("order.png", "my picture"),
          ("curve.png", "my curve"), ("metrics.jsonl", "{}\n"), ("order.pt", "mine"),
          ("best.pt", "mine"), ("last.pt", "mine"), ("train.lock", "my notes\n"),
-         ("train.lock", "1234567890\n" * 8)]  # digits, but no pid: too long
+         ("train.lock", "1234567890\n" * 8),  # digits, but no pid: too long
+         ("order.png", None)]  # None: a link to nowhere, the user's too
 
 
 @pytest.mark.parametrize("name,content", USERS)
@@ -1003,7 +1004,7 @@ def test_a_new_run_replaces_no_file_it_did_not_write(tmp_path, capsys, name, con
     # issue 32.3: the user's config.json, order.png, curve.png and train.lock were overwritten
     out = tmp_path / "run"
     out.mkdir()
-    (out / name).write_text(content)
+    (out / name).write_text(content) if content else (out / name).symlink_to(tmp_path / "no")
     before = snapshot(out)
     message = "holds something other than a pid" if name == "train.lock" else \
         "pass --resume" if name == "last.pt" else "but no last.pt to resume: choose another --out"
