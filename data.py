@@ -525,18 +525,23 @@ def save_order(path, perm, grid):
     atomic_save({"perm": perm.cpu(), "grid": list(grid)}, path)
 
 
-def read_torch(path):
+def read_torch(path, follow=True):
     """torch.load of a file this project wrote, weights_only (a pickle runs no code), with what
     torch.load skips: a regular file (a FIFO would block), whose zip records all match their
     CRC-32 (a damaged tensor would load silently); zipfile reads the file once more (about 1.6x
-    torch.load's time: tests/bench.py --only resume). A ValueError says what is wrong."""
+    torch.load's time: tests/bench.py --only resume). follow=False: a symbolic link at `path` is
+    refused (a run folder's files are read, as written, through no link). A ValueError says what
+    is wrong."""
     if not os.path.isfile(path):
         raise ValueError("not a regular file")
-    with zipfile.ZipFile(path) as archive:
-        damaged = archive.testzip()
-    if damaged:
-        raise ValueError(f"its record {damaged} fails its CRC-32 check")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    with open(path, "rb", opener=None if follow else lambda p, flags: os.open(
+            p, flags | os.O_NOFOLLOW)) as f:
+        with zipfile.ZipFile(f) as archive:
+            damaged = archive.testzip()
+        if damaged:
+            raise ValueError(f"its record {damaged} fails its CRC-32 check")
+        f.seek(0)
+        return torch.load(f, map_location="cpu", weights_only=True)
 
 
 def check_order(perm, n):

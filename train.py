@@ -50,8 +50,10 @@ WRITER = RANK == 0
 # (applied, and recorded in metrics.jsonl), and those that change no number.
 RESUME_MAY_CHANGE = ("lr", "policy_lr", "weight_decay", "clip", "amp", "device", "compile")
 NO_NUMBER = ("workers", "save_every", "quiet", "resume", "out", "draw_orders")
-WORK = ("last.pt", "best.pt", "metrics.jsonl", "order.pt")  # what a fresh run may not replace
-OUTPUTS = WORK + ("order.png", "curve.png", "config.json", "prior.json")  # via name.tmp
+# What a run writes (each via name.tmp), in this order: config.json and prior.json once accepted;
+# last.pt (its presence means "a run is here"), then at an epoch's end that epoch's outputs.
+OUTPUTS = ("config.json", "prior.json", "last.pt", "best.pt", "metrics.jsonl", "order.pt",
+           "order.png", "curve.png")
 
 # --------------------------------------------------------------------------------------------------
 # Steps: the curriculum, the classifier, the policy, validation
@@ -320,19 +322,24 @@ def run_folder(out):
     """The run folder, made and locked by rank 0 while the block runs: a POSIX record lock on
     out/train.lock, which the kernel drops when its process ends (SIGKILL too) and forked loader
     workers do not inherit. The lock file stays: removing it would let two runs lock two files.
-    Yields accept(), which writes the pid into the lock and removes what a killed write left
-    (data.atomic_path's name.tmp, by exact name): until the run is accepted, nothing in the
-    folder changes but a lock file made where there was none."""
+    Yields (accept(), whether a run was accepted here before: a pid in the lock). accept() writes
+    the pid into the lock and removes what a killed write left (data.atomic_path's name.tmp, by
+    exact name): until the run is accepted, nothing in the folder changes but a lock file made
+    where there was none."""
     if not WRITER:
-        yield lambda: None
+        yield (lambda: None), None
         return
     created, path = not os.path.isdir(out), os.path.join(out, "train.lock")
     os.makedirs(out, exist_ok=True)
-    try:  # never through a link (O_NOFOLLOW), nor into a FIFO, a device or a file with two names
+    try:  # never through a link (O_NOFOLLOW), nor into a FIFO, a device, a file with two names,
+        # or a file of the user's (anything but a pid)
         lock = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
-        if not stat.S_ISREG(os.fstat(lock).st_mode) or os.fstat(lock).st_nlink != 1:
+        regular = stat.S_ISREG(os.fstat(lock).st_mode) and os.fstat(lock).st_nlink == 1
+        held = os.pread(lock, 64, 0) if regular else b"?"
+        if held.translate(None, b"0123456789\n") or len(held) > 32:  # a pid: 8 bytes at most
             os.close(lock)
-            raise OSError("a FIFO, a device, or a file with a second name (a hard link)")
+            raise OSError("a file that holds something other than a pid" if regular else
+                          "a FIFO, a device, or a file with a second name (a hard link)")
     except OSError as e:
         why = "a symbolic link" if e.errno == errno.ELOOP else data.one_line(e)
         raise UsageError(f"cannot use {path} as this run's lock ({why}): a run writes through no "
@@ -345,33 +352,57 @@ def run_folder(out):
         raise UsageError(f"{out} is in use by process {pid}, a run writing there: wait for it "
                          f"to end, or choose another --out") from None
 
-    def accept():
-        os.ftruncate(lock, 0)
-        os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
-        for name in OUTPUTS:  # what a write killed mid-way left (claim: no folder is in the way)
+    def accept():  # the pid first, then the rest cut: a kill in between leaves only digits
+        pid = f"{os.getpid()}\n".encode()
+        os.pwrite(lock, pid, 0)
+        os.ftruncate(lock, len(pid))
+        for name in OUTPUTS:  # what a write killed mid-way left (refusal: no folder in the way)
             with suppress(FileNotFoundError):
                 os.remove(os.path.join(out, f"{name}.tmp"))
     try:
-        yield accept
+        yield accept, bool(held.strip())
     finally:
         os.close(lock)
-        if created and os.listdir(out) == ["train.lock"]:  # made here, and nothing written
-            os.remove(path)
-            os.rmdir(out)
+        with suppress(OSError):  # the folder deleted or made read-only: the error is said once
+            if created and os.listdir(out) == ["train.lock"]:  # made here, and nothing written
+                os.remove(path)
+                os.rmdir(out)
 
 
-def claim(args, steps_per_epoch, num_patches):
-    """Under the lock: the checkpoint --resume continues, checked whole before anything is
-    written; or None for a fresh run, in a folder that holds no work to lose."""
-    at = functools.partial(os.path.join, args.out)
-    last, found = at("last.pt"), [name for name in WORK if os.path.exists(at(name))]
+def refusal(out, resume, ran_here):
+    """Why this run cannot use the folder `out`, each time saying what can; None if it can.
+    last.pt means "a run is here": --resume continues it. A fresh run replaces no file it did
+    not write: it needs none of OUTPUTS there, or only the config.json and prior.json of a run
+    accepted here before (`ran_here`: its pid in the lock) that saved no last.pt."""
+    at = functools.partial(os.path.join, out)
+    found = [name for name in OUTPUTS if os.path.lexists(at(name))]
+    fresh = set(found) <= ({"config.json", "prior.json"} if ran_here else set())
     in_way = [n for name in OUTPUTS for n in (name, f"{name}.tmp")
               if os.path.isdir(at(n)) and not os.path.islink(at(n))]
-    error = [f"{at(in_way[0])} is a folder where this run writes a file: move it, or choose "
-             f"another --out" if in_way else f"nothing to resume: {last} does not exist" if
-             args.resume and not os.path.lexists(last) else f"{args.out} already holds a run "
-             f"({', '.join(found)}): pass --resume, or choose another --out" if found and not
-             args.resume else None]
+    if in_way:
+        return f"{at(in_way[0])} is a folder where this run writes a file: move it, or choose " \
+               f"another --out"
+    if resume and os.path.islink(at("last.pt")):
+        return f"{at('last.pt')} is a symbolic link: --resume reads no checkpoint through a " \
+               f"link: copy the file there, or choose another --out"
+    if resume and "last.pt" not in found:
+        return f"nothing to resume: {at('last.pt')} does not exist" + (
+            ": start without --resume (no run saved a state there)" if fresh else
+            f", and {out} holds {', '.join(found)}: choose another --out (a run replaces no "
+            f"file it did not write)")
+    if not resume and "last.pt" in found:
+        return f"{out} already holds a run (last.pt): pass --resume to continue it, or choose " \
+               f"another --out"
+    if not resume and not fresh:
+        return f"{out} already holds {', '.join(found)}, files a run writes, but no last.pt " \
+               f"to resume: choose another --out (a run replaces no file it did not write)"
+    return None
+
+
+def claim(args, steps_per_epoch, ran_here):
+    """Under the lock: the checkpoint --resume continues, checked whole before anything is
+    written; or None for a fresh run, in a folder where it replaces no file it did not write."""
+    error, last = [refusal(args.out, args.resume, ran_here)], os.path.join(args.out, "last.pt")
     if WORLD > 1:  # rank 0's view of the folder decides for every rank
         dist.broadcast_object_list(error, src=0)
     if error[0]:
@@ -379,8 +410,8 @@ def claim(args, steps_per_epoch, num_patches):
     if not args.resume:
         return None
     try:
-        ckpt = data.read_torch(last)
-        check_checkpoint(ckpt, num_patches)
+        ckpt = data.read_torch(last, follow=False)
+        check_checkpoint(ckpt)
     except Exception as e:
         raise damaged(last, e) from None
     diff = [f"--{k.replace('_', '-')} {ckpt['config'].get(k)} (now {v})" for k, v in
@@ -404,11 +435,11 @@ def damaged(last, e):
                       f"--out")
 
 
-def check_checkpoint(ckpt, num_patches):
+def check_checkpoint(ckpt):
     """A ValueError naming the first part of a checkpoint that train.py could not use as it is
     (hand-edited, or damaged where the zip's CRCs cannot see): what is loaded into an object is a
     dict, what train.py reads itself has its type (and is strict JSON where it is written again),
-    the start order is one order, every floating tensor is finite."""
+    the start order is one order of its grid, every floating tensor is finite."""
     def real(x):
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
     parts = ("model", "optimizer", "scheduler", "scaler", "baseline", "rng", "progress", "config")
@@ -418,9 +449,10 @@ def check_checkpoint(ckpt, num_patches):
     p, baseline = ckpt["progress"], ckpt["baseline"]
     if not (type(p.get("epoch")) is type(p.get("done_in_epoch")) is int and isinstance(
             p.get("history"), list) and isinstance(p.get("sums"), list) and isinstance(
-            p.get("changed"), dict)):
+            p.get("changed"), dict) and type(p.get("best", 0)) is int and  # none before epoch 1
+            0 <= p.get("best", 0) < max(1, len(p["history"]))):
         raise ValueError("progress is not {epoch: int, done_in_epoch: int, history: list, "
-                         "sums: list, changed: dict}")
+                         "sums: list, changed: dict, best: an epoch of history}")
     if not all(isinstance(row, dict) and row.get("epoch") == k and (row.get("val_top1", 0) is None
                or real(row.get("val_top1"))) for k, row in enumerate(p["history"])):
         raise ValueError("progress.history is not one dict of metrics per epoch")
@@ -428,7 +460,9 @@ def check_checkpoint(ckpt, num_patches):
                                               rank.items()) for rank in p["sums"]):
         raise ValueError("progress.sums is not, for each rank, a dict of names to finite numbers")
     json.dumps([p, ckpt["config"]], allow_nan=False)  # written again: metrics.jsonl, last.pt
-    data.check_order(ckpt.get("start_perm"), num_patches)
+    config = ckpt["config"]  # its own grid: another run's is refused as another, not as damage
+    data.check_order(ckpt.get("start_perm"), math.prod(reorder.grid_size(config.get("img_size"),
+                                                                          config.get("patch"))))
     if not (real(baseline.get("momentum")) and (baseline.get("value") is None or real(
             baseline["value"])) and type(ckpt["scheduler"].get("last_epoch")) is int):
         raise ValueError("the baseline's momentum and value, or the scheduler's step, are no "
@@ -490,20 +524,31 @@ def checkpoint(state, meta, progress, rng):
             "progress": {**progress, "sums": sums}, "rng": rng}
 
 
+def best_epoch(progress, out):
+    """The epoch whose state best.pt holds once the last epoch of `progress` is saved: that
+    epoch if its val top-1 beats the one best.pt holds (a tie keeps the earlier epoch), or if
+    there is none yet or best.pt is gone (deleted: written again, the best from there on)."""
+    history, best = progress["history"], progress.get("best")
+    top = [-1 if line["val_top1"] is None else line["val_top1"] for line in history]
+    if best is None or top[-1] > top[best] or not os.path.lexists(os.path.join(out, "best.pt")):
+        return len(history) - 1
+    return best
+
+
 def save(out, ckpt, grid, order_now=None, pairs=None):
-    """last.pt, the whole state in one dict, written atomically by rank 0. At an epoch's end
-    (order_now given) first that epoch's outputs: best.pt if it is the best so far, metrics.jsonl,
+    """last.pt, the whole state in one dict, written atomically by rank 0; at an epoch's end
+    (order_now given) then that epoch's outputs: best.pt if it holds this epoch, metrics.jsonl,
     order.pt, order.png (the start and this order; `pairs` marked on a known-answer task),
-    curve.png; last.pt comes last, so a kill in between leaves outputs that the resumed run writes
-    again, identically."""
+    curve.png. A kill before they are all written leaves last.pt at the epoch's end, from which
+    --resume writes them again."""
     if not WRITER:
         return
     buffer = io.BytesIO()  # serialized once, for last.pt and best.pt
     torch.save(ckpt, buffer)
+    data.atomic_save(buffer.getvalue(), os.path.join(out, "last.pt"))
     if order_now is not None:
         history = ckpt["progress"]["history"]
-        tops = [-1 if line["val_top1"] is None else line["val_top1"] for line in history]
-        if tops.index(max(tops)) == len(tops) - 1:
+        if ckpt["progress"].get("best") == len(history) - 1:
             data.atomic_save(buffer.getvalue(), os.path.join(out, "best.pt"))
         with data.atomic_path(os.path.join(out, "metrics.jsonl"), "w") as f:
             f.writelines(json.dumps(line) + "\n" for line in history)
@@ -518,7 +563,6 @@ def save(out, ckpt, grid, order_now=None, pairs=None):
             data.draw_orders(f, grid, orders, pairs=pairs)
         with data.atomic_path(os.path.join(out, "curve.png")) as f:
             data.draw_curve(f, history, 0 if pairs is None else len(pairs))
-    data.atomic_save(buffer.getvalue(), os.path.join(out, "last.pt"))
 
 
 @contextmanager
@@ -598,12 +642,12 @@ def make_loader(dataset, args, device, shuffle=True, epoch=0, skip=0):
                       collate_fn=data.collate_skipping_none, worker_init_fn=ignore_signals)
 
 
-def begin(args, model, train_set, device, steps_per_epoch, accept):
+def begin(args, model, train_set, device, steps_per_epoch, accept, ran_here):
     """Under the lock: (state, progress, meta, policy generator, resumed). The state holds every
     object a checkpoint restores, by name; meta, what it keeps besides (start order, flags).
     accept() (run_folder's) once the folder holds no work (a fresh run), or once the checkpoint
     is loaded into every object (--resume): before, nothing is written."""
-    ckpt = claim(args, steps_per_epoch, model.num_patches)  # what --resume continues, or None
+    ckpt = claim(args, steps_per_epoch, ran_here)  # what --resume continues, or None
     if ckpt is None:
         accept()
     start_perm, order_name, prior_table = (ckpt["start_perm"], ckpt.get("order_name"), None) \
@@ -661,9 +705,9 @@ def train(args):
     grid, model, dtype = model.grid, model.to(device), amp_dtype(args.amp, device)
     val_loader = make_loader(val_set, args, device, shuffle=False)
     steps_per_epoch = len(make_loader(train_set, args, device))
-    with run_folder(args.out) as accept, signals_to_flag() as caught:
+    with run_folder(args.out) as (accept, ran_here), signals_to_flag() as caught:
         state, progress, meta, policy_gen, resumed = begin(args, model, train_set, device,
-                                                           steps_per_epoch, accept)
+                                                           steps_per_epoch, accept, ran_here)
         optimizer, scheduler, scaler, policy = map(state.get, ("optimizer", "scheduler", "scaler",
                                                                "policy"))
         start_perm = meta["start_perm"].to(device)
@@ -673,8 +717,10 @@ def train(args):
         current_order = policy.mode if policy is not None else (lambda: start_perm)
         # a known-answer task (data.PairImages): its answer puts every pair side by side
         classes, pairs = model.cfg.num_classes, getattr(data.base_dataset(train_set), "pairs", None)
-        # where last.pt is; a checkpoint asked for: "step", or "epoch" (with the epoch's outputs)
-        saved, due = (progress["epoch"], progress["done_in_epoch"]) if resumed else None, None
+        # where last.pt is; a checkpoint asked for: "step", or "epoch" (with the epoch's outputs:
+        # resumed at an epoch's end, they are written again, as a kill may have cut them short)
+        saved = (progress["epoch"], progress["done_in_epoch"]) if resumed else None
+        due = "epoch" if saved and saved[0] and not saved[1] else None
         while progress["epoch"] < args.epochs:
             t0, epoch = time.time(), progress["epoch"]
             train_set.epoch = epoch  # the flips of this epoch
@@ -741,13 +787,14 @@ def train(args):
             progress["history"].append(epoch_record(
                 progress, args, steps_per_epoch, top1, top5, scheduler.get_last_lr()[0],
                 order_now, start_perm, device, time.time() - t0, pairs))
-            progress.update(epoch=epoch + 1, done_in_epoch=0, sums={}, changed={})
+            progress.update(epoch=epoch + 1, done_in_epoch=0, sums={}, changed={},
+                            best=best_epoch(progress, args.out))
             due = "epoch"
             say_epoch(progress["history"][-1], start_perm, classes, pairs)
         if due:  # the last epoch: there is no later step to wait for
             save(args.out, checkpoint(state, meta, progress, rng_state(device, policy_gen)), grid,
                  current_order(), pairs)
-        elif WRITER:
+        if WRITER and saved == (args.epochs, 0):
             print(f"{args.out}: the run is complete ({args.epochs} epochs)")
         if pairs is not None:
             say_known_answer(current_order(), start_perm, pairs, progress["history"][-1])

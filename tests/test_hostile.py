@@ -59,7 +59,8 @@ def half_done(tmp_path, name="run"):
     ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=True)
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True) \
         if ckpt["progress"]["epoch"] != 1 else ckpt
-    ckpt["progress"].update(epoch=1, done_in_epoch=0, history=ckpt["progress"]["history"][:1])
+    ckpt["progress"].update(epoch=1, done_in_epoch=0, history=ckpt["progress"]["history"][:1],
+                            best=0)
     torch.save(ckpt, os.path.join(out, "last.pt"))
     with open(os.path.join(out, "train.lock"), "w") as f:
         f.write("999999\n")

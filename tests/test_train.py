@@ -1,6 +1,7 @@
 """train.py: the curriculum end to end, resume after SIGKILL, 2-rank DDP, bad input."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 import data
 import reorder
 import train
+from test_hostile import snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--data", "synthetic", "--subset", "128", "--val-subset", "64", "--batch-size", "16",
@@ -620,6 +622,12 @@ EDITS = {  # a hand-edited last.pt, one epoch of two done (more in test_hostile.
     "step negative": (lambda c: c["progress"].update(done_in_epoch=-1), "does not fit this run"),
     "history short": (lambda c: c["progress"].update(history=[]), "does not fit this run"),
     "sums of two ranks": (lambda c: c["progress"]["sums"].append({}), "does not fit this run"),
+    # issue 32: best.pt's epoch is one of the history; the start order one of its own grid
+    "best past the history": (lambda c: c["progress"].update(best=1), "is damaged (ValueError: "
+                              "progress is not"),
+    "start_perm of another grid": (lambda c: c.update(start_perm=torch.arange(9)),
+                                   "is damaged (ValueError: an order must be a LongTensor of "
+                                   "shape [..., 16], got torch.int64 (9,)"),
 }
 
 
@@ -629,7 +637,8 @@ def test_a_hand_edited_checkpoint_is_one_line_and_nothing_is_written(tmp_path, c
     last = os.path.join(out, "last.pt")
     ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=True)
     ckpt = torch.load(last, weights_only=True) if ckpt["progress"]["epoch"] != 1 else ckpt
-    ckpt["progress"].update(epoch=1, done_in_epoch=0, history=ckpt["progress"]["history"][:1])
+    ckpt["progress"].update(epoch=1, done_in_epoch=0, history=ckpt["progress"]["history"][:1],
+                            best=0)
     EDITS[edit][0](ckpt)
     torch.save(ckpt, last)
     before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
@@ -659,7 +668,7 @@ def test_a_folder_holding_any_run_output_is_refused_and_no_advice_loses_work(tmp
     assert "delete" not in err and "another --out" in err
     os.remove(os.path.join(out, "last.pt"))  # ... then removed by hand, then a new run there
     err = fails(capsys, [*TINY, "--epochs", "1", "--seed", "1", "--out", out],
-                "already holds a run")
+                "but no last.pt to resume: choose another --out")
     assert "delete" not in err
     for name, content in kept.items():
         if name != "last.pt":
@@ -757,7 +766,7 @@ def test_a_kill_while_the_last_epochs_outputs_are_written_is_redone_by_resume(
 def test_resume_refuses_or_applies_and_records_changed_flags(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "run")
     argv = [*TINY, "--epochs", "2", "--learn-order", "--policy-lr", "0.05", "--out", out]
-    kill_at_write(monkeypatch, "metrics.jsonl", nth=2)  # at the end of the second epoch
+    kill_at_write(monkeypatch, "last.pt", nth=2)  # at the end of the second epoch
     with pytest.raises(Killed):
         train.main(argv)
     monkeypatch.undo()
@@ -869,3 +878,305 @@ def test_a_known_answer_run_shows_its_partners_each_epoch_and_says_if_it_reached
 
 def perm_of(path):
     return torch.load(path, weights_only=True)["perm"]
+
+
+# ---- issue 32: the run folder under kills, user files, links and removal; checkpoints; two ranks
+# emulated in-process (train.RANK/WORLD and the collectives monkeypatched) ------------------------
+
+@pytest.mark.parametrize("how", ["deleted", "renamed"])
+def test_the_run_folder_removed_mid_run_is_one_line_and_what_was_saved_resumes(
+        tmp_path, monkeypatch, capsys, how):
+    # issue 32.4: the one-line error, then run_folder's cleanup raised again (two tracebacks)
+    argv = [*TINY, "--epochs", "2", "--save-every", "3"]
+    whole = run(tmp_path, *argv, name="whole")["out"]
+    out, moved = tmp_path / "run", tmp_path / "moved"
+    real = data.atomic_path
+
+    @contextmanager
+    def removing(path, *mode):
+        if os.path.basename(path) == "best.pt" and out.exists():  # the first epoch's end
+            shutil.rmtree(out) if how == "deleted" else out.rename(moved)
+        with real(path, *mode) as f:
+            yield f
+    monkeypatch.setattr(data, "atomic_path", removing)
+    err = fails(capsys, [*argv, "--out", str(out)], "cannot write")
+    assert "Traceback" not in err and not out.exists()
+    monkeypatch.undo()
+    if how == "renamed":  # what was saved before: resumed
+        train.main([*argv, "--out", str(moved), "--resume"])
+        assert without_seconds(metrics(moved)) == without_seconds(metrics(whole))
+
+
+def test_resume_with_another_image_size_is_another_run_not_damage(tmp_path, capsys):
+    out = run(tmp_path, "--epochs", "1")["out"]
+    err = fails(capsys, [*TINY, "--epochs", "1", "--out", out, "--resume", "--img-size", "32"],
+                "does not match this run: it was trained with --img-size 16 (now 32)")
+    assert "damaged" not in err
+
+
+def die_at_write(monkeypatch, nth):
+    """The nth file written (any name) dies as a SIGKILL there would: with a part of it written
+    to name.tmp, which nothing removes."""
+    real, count = data.atomic_path, []
+
+    @contextmanager
+    def dying(path, *mode):
+        count.append(path)
+        if len(count) == nth:
+            with open(f"{path}.tmp", "wb") as f:
+                f.write(b"PK\x03\x04 torn")
+            raise Killed
+        with real(path, *mode) as f:
+            yield f
+    monkeypatch.setattr(data, "atomic_path", dying)
+    return count
+
+
+def outcome(capsys, argv):
+    """("resumed" | "fresh", the refusal of the other): --resume, else a fresh run."""
+    try:
+        train.main([*argv, "--resume"])
+    except SystemExit:
+        refused = capsys.readouterr().err
+        assert "nothing to resume" in refused and "start without --resume" in refused, refused
+        train.main(argv)
+        return "fresh", refused
+    refused = fails(capsys, argv, "already holds a run (last.pt): pass --resume")
+    return "resumed", refused
+
+
+# the writes of a fresh run to the first epoch's end, in order (docs/training.md)
+FIRST_WRITES = ["config.json", "last.pt", "best.pt", "metrics.jsonl", "order.pt", "order.png",
+                "curve.png"]
+KILLED = [*TINY, "--epochs", "2", "--save-every", "0", "--learn-order", "--policy-lr", "0.05"]
+
+
+@pytest.fixture(scope="module")
+def unkilled(tmp_path_factory):
+    return train.main([*KILLED, "--out", str(tmp_path_factory.mktemp("whole") / "run")])["out"]
+
+
+@pytest.mark.parametrize("nth", range(1, len(FIRST_WRITES) + 1))
+def test_a_kill_at_any_write_of_the_first_epoch_leaves_a_folder_resume_or_a_new_run_uses(
+        tmp_path, monkeypatch, capsys, unkilled, nth):
+    # issue 32.2: a kill after best.pt and before last.pt left a folder both refused
+    out = str(tmp_path / "killed")
+    written = die_at_write(monkeypatch, nth)
+    with pytest.raises(Killed):
+        train.main([*KILLED, "--out", out])
+    assert [os.path.basename(p) for p in written] == FIRST_WRITES[:nth]
+    monkeypatch.undo()
+    how, _ = outcome(capsys, [*KILLED, "--out", out])
+    assert how == ("fresh" if nth <= FIRST_WRITES.index("last.pt") + 1 else "resumed")
+    assert "the run is complete" not in capsys.readouterr().out
+    assert without_seconds(metrics(out)) == without_seconds(metrics(unkilled))
+    assert sorted(os.listdir(out)) == sorted(os.listdir(unkilled))  # no name.tmp left
+    a, b = (torch.load(os.path.join(d, "best.pt"), weights_only=True) for d in (unkilled, out))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_kill_while_the_pid_is_written_over_a_longer_one_leaves_a_lock_of_ours(
+        tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train.lock").write_text("123456789012\n")  # a killed run's pid, longer than ours
+
+    def killed(fd, length):
+        raise Killed
+    monkeypatch.setattr(os, "ftruncate", killed)  # the pid written, the rest not yet cut
+    with pytest.raises(Killed):
+        run(tmp_path, "--epochs", "1")
+    monkeypatch.undo()
+    assert (out / "train.lock").read_text().startswith(f"{os.getpid()}\n")
+    assert outcome(capsys, [*TINY, "--epochs", "1", "--out", str(out)])[0] == "fresh"
+    assert (out / "train.lock").read_text() == f"{os.getpid()}\n"  # cut to the pid
+
+
+USERS = [("config.json", "{\"mine\": 1}"), ("prior.json", "[]"), ("order.png", "my picture"),
+         ("curve.png", "my curve"), ("metrics.jsonl", "{}\n"), ("order.pt", "mine"),
+         ("best.pt", "mine"), ("last.pt", "mine"), ("train.lock", "my notes\n"),
+         ("train.lock", "1234567890\n" * 8),  # digits, but no pid: too long
+         ("order.png", None)]  # None: a link to nowhere, the user's too
+
+
+@pytest.mark.parametrize("name,content", USERS)
+def test_a_new_run_replaces_no_file_it_did_not_write(tmp_path, capsys, name, content):
+    # issue 32.3: the user's config.json, order.png, curve.png and train.lock were overwritten
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / name).write_text(content) if content else (out / name).symlink_to(tmp_path / "no")
+    before = snapshot(out)
+    message = "holds something other than a pid" if name == "train.lock" else \
+        "pass --resume" if name == "last.pt" else "but no last.pt to resume: choose another --out"
+    for _ in range(2):  # the second time with the empty lock the first one left: still refused
+        fails(capsys, [*TINY, "--epochs", "1", "--out", str(out)], message)
+        assert {k: v for k, v in snapshot(out).items() if k != "train.lock" or
+                name == "train.lock"} == before
+    if name != "last.pt":
+        err = fails(capsys, [*TINY, "--epochs", "1", "--out", str(out), "--resume"],
+                    "nothing to resume" if name != "train.lock" else "other than a pid")
+        assert "start without --resume" not in err
+
+
+def test_resume_into_an_empty_existing_folder_keeps_the_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    fails(capsys, [*TINY, "--epochs", "1", "--out", str(out), "--resume"],
+          "nothing to resume")
+    assert out.is_dir() and os.listdir(out) == ["train.lock"]  # made, and left: see run_folder
+    fails(capsys, [*TINY, "--epochs", "1", "--out", str(tmp_path / "new"), "--resume"],
+          "nothing to resume")
+    assert not (tmp_path / "new").exists()  # made by the run, nothing written: removed
+
+
+def test_a_train_lock_holding_a_longer_old_pid_is_cut_to_ours(tmp_path, capsys):
+    out = run(tmp_path, "--epochs", "1", "--save-every", "3")["out"]
+    with open(os.path.join(out, "train.lock"), "w") as f:
+        f.write("99999999999999999\n")
+    run(tmp_path, "--epochs", "1", "--save-every", "3", "--resume")
+    assert open(os.path.join(out, "train.lock")).read() == f"{os.getpid()}\n"
+    assert f"{out}: the run is complete (1 epochs)" in capsys.readouterr().out
+
+
+def test_resume_reads_no_checkpoint_through_a_link(tmp_path, capsys):
+    # issue 32.3: a last.pt linking to a checkpoint outside --out was resumed from
+    elsewhere = run(tmp_path, "--epochs", "2", "--save-every", "3", name="elsewhere")["out"]
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train.lock").write_text("999999\n")
+    (out / "last.pt").symlink_to(os.path.join(elsewhere, "last.pt"))
+    before = snapshot(tmp_path)
+    fails(capsys, [*TINY, "--epochs", "2", "--save-every", "3", "--out", str(out), "--resume"],
+          "last.pt is a symbolic link: --resume reads no checkpoint through a link")
+    assert snapshot(tmp_path) == before
+    with pytest.raises(OSError):  # the read itself follows no link either
+        data.read_torch(str(out / "last.pt"), follow=False)
+    assert data.read_torch(str(out / "last.pt"))["progress"]["epoch"] == 2
+
+
+def fake_tops(monkeypatch, tops):
+    """evaluate() gives these val top-1s, one per epoch, in turn."""
+    tops = list(tops)
+    monkeypatch.setattr(train, "evaluate", lambda *a: (tops.pop(0), 100.0))
+
+
+def best_holds(out):
+    """The epoch whose state best.pt holds."""
+    return torch.load(os.path.join(out, "best.pt"), weights_only=True)["progress"]["epoch"] - 1
+
+
+def test_best_pt_keeps_the_earlier_of_equal_epochs(tmp_path, monkeypatch):
+    fake_tops(monkeypatch, [50.0, 50.0, 40.0])
+    out = run(tmp_path, "--epochs", "3")["out"]
+    assert best_holds(out) == 0
+    fake_tops(monkeypatch, [40.0, 50.0, 50.0])
+    assert best_holds(run(tmp_path, "--epochs", "3", name="later")["out"]) == 1
+
+
+def test_a_deleted_best_pt_is_written_again_the_best_from_there_on(tmp_path, monkeypatch, capsys):
+    argv = ["--epochs", "4", "--save-every", "0"]
+    fake_tops(monkeypatch, [60.0, 40.0, 45.0])
+    kill_at_write(monkeypatch, "last.pt", nth=3)  # last.pt: epochs 0 and 1 done, best.pt epoch 0
+    with pytest.raises(Killed):
+        run(tmp_path, *argv)
+    monkeypatch.undo()
+    out = tmp_path / "run"
+    os.remove(out / "best.pt")
+    fake_tops(monkeypatch, [45.0, 50.0])  # epoch 2 (again), 3: worse than 60, better than 40
+    run(tmp_path, *argv, "--resume")
+    assert best_holds(out) == 3  # written again at epoch 2, then replaced by the better 3
+    # resumed at the end of the best epoch so far: its best.pt is written again at once
+    kill_at_write(monkeypatch, "last.pt", nth=2)  # last.pt: epoch 0 done
+    fake_tops(monkeypatch, [40.0, 30.0])
+    with pytest.raises(Killed):
+        run(tmp_path, *argv, name="again")
+    monkeypatch.undo()
+    os.remove(tmp_path / "again" / "best.pt")
+    fake_tops(monkeypatch, [10.0, 10.0, 10.0])
+    run(tmp_path, *argv, "--resume", name="again")
+    assert best_holds(tmp_path / "again") == 0
+
+
+@pytest.mark.parametrize("where", ["model.head.weight", "optimizer.state.0.exp_avg_sq"])
+def test_a_checkpoint_holding_an_infinity_and_no_nan_is_damaged(tmp_path, capsys, where):
+    out = run(tmp_path, "--epochs", "2", "--save-every", "3")["out"]
+    last = os.path.join(out, "last.pt")
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["progress"].update(epoch=1, done_in_epoch=3, history=ckpt["progress"]["history"][:1])
+    t = ckpt["model"]["head.weight"] if where.startswith("model") else \
+        ckpt["optimizer"]["state"][0]["exp_avg_sq"]
+    t.view(-1)[0] = float("inf")
+    torch.save(ckpt, last)
+    fails(capsys, [*TINY, "--epochs", "2", "--save-every", "3", "--out", out, "--resume"],
+          f"is damaged (ValueError: {where} holds a NaN or an infinity)")
+
+
+def test_a_dangling_link_at_name_tmp_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    png = tmp_path / "orders.png"
+    (tmp_path / "orders.png.tmp").symlink_to(tmp_path / "nowhere")
+    monkeypatch.setattr(data, "draw_orders", lambda *a, **k: pytest.fail("drawn"))
+    fails(capsys, ["--draw-orders", str(png), "--img-size", "16", "--patch", "4"],
+          "orders.png.tmp is in the way")
+    assert sorted(os.listdir(tmp_path)) == ["orders.png.tmp"]
+
+
+def test_batch_noise_is_zero_where_the_variance_rounds_below_zero():
+    progress = {"epoch": 1, "sums": {}, "changed": {}}
+    for _ in range(3):  # three steps with the same reward
+        reward = torch.tensor(-0.1, dtype=torch.float64)
+        train.add(progress, reward=reward, reward_sq=reward ** 2, neg_logp=1.0, spread=0.0,
+                  policy_steps=1, loss=1.0, correct=1, images=2, tau=0.1, steps=1)
+    s = progress["sums"]
+    assert float(s["reward_sq"] / 3 - (s["reward"] / 3) ** 2) < 0  # rounds below zero
+    args = SimpleNamespace(learn_order=True, policy_start=0, policy_epochs=2, tau_max=0.2,
+                           fixed_tau=0.0)
+    line = train.epoch_record(progress, args, 3, 50.0, 75.0, 1e-3, torch.arange(4),
+                              torch.arange(4), torch.device("cpu"), 1.0)
+    assert line["batch_noise"] == 0.0
+
+
+def emulate_rank(monkeypatch, rank, world=2):
+    """This process as rank `rank` of `world`: the collectives do nothing but what each test
+    makes them do."""
+    for name, value in (("RANK", rank), ("WORLD", world), ("WRITER", rank == 0)):
+        monkeypatch.setattr(train, name, value)
+    monkeypatch.setattr(train.dist, "broadcast_object_list", lambda objects, src: None)
+
+
+def test_each_rank_resumes_its_own_running_sums(tmp_path, monkeypatch):
+    out = run(tmp_path, "--epochs", "1", "--save-every", "3")["out"]
+    last = os.path.join(out, "last.pt")
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["config"]["world"] = 2
+    ckpt["progress"]["sums"] = [{"loss": 1.0}, {"loss": 2.0}]
+    torch.save(ckpt, last)
+    emulate_rank(monkeypatch, 1)
+    args = train.parse_args([*TINY, "--epochs", "1", "--save-every", "3", "--out", out,
+                             "--resume"])
+    train_set, _, model = train.check_inputs(args)
+    progress = train.begin(args, model, train_set, torch.device("cpu"), 4, lambda: None,
+                           None)[1]
+    assert progress["sums"] == {"loss": 2.0}
+
+
+def test_the_ema_baseline_of_one_order_per_image_is_the_mean_over_ranks(monkeypatch):
+    emulate_rank(monkeypatch, 0)
+    monkeypatch.setattr(train.dist, "all_reduce",  # the other rank's mean reward: -4
+                        lambda t, **k: t.add_(torch.tensor(-4.0, dtype=t.dtype)))
+    seen, _ = reinforce_sees(monkeypatch, torch.tensor([[1.0, 3.0]]), "image", "ema")
+    assert float(seen["baseline"]) == -3.0  # (-2 + -4) / 2, not this rank's -2
+
+
+@pytest.mark.slow
+def test_sigkill_as_soon_as_metrics_jsonl_appears_leaves_a_run_that_resume_continues(
+        tmp_path, capsys):
+    # issue 32.2 as reported: SIGKILL in epoch 0's end-of-epoch save, as soon as metrics.jsonl
+    # appears, left best.pt and no last.pt, a folder both --resume and a new run refused
+    out = tmp_path / "run"
+    argv = [*TINY, "--epochs", "2", "--save-every", "0", "--out", str(out)]
+    proc = slow_run(tmp_path, argv, delay=0.2)
+    wait_for(lambda: (out / "metrics.jsonl").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert outcome(capsys, argv)[0] == "resumed"
+    assert [line["epoch"] for line in metrics(out)] == [0, 1]
