@@ -1153,7 +1153,7 @@ def test_each_rank_resumes_its_own_running_sums(tmp_path, monkeypatch):
     emulate_rank(monkeypatch, 1)
     args = train.parse_args([*TINY, "--epochs", "1", "--save-every", "3", "--out", out,
                              "--resume"])
-    train_set, _, model = train.check_inputs(args)
+    train_set, _, model = train.check_inputs(args, torch.device("cpu"))
     progress = train.begin(args, model, train_set, torch.device("cpu"), 4, lambda: None,
                            None)[1]
     assert progress["sums"] == {"loss": 2.0}
