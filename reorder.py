@@ -437,8 +437,9 @@ class _SelectiveScan(torch.autograd.Function):
 
 
 def _check_scan(x, dt, A, B, C, D):
-    """A one-line ValueError naming the first of selective_scan's inputs that its docstring does
-    not allow: a float tensor off x's device, a shape that disagrees, n cores not dividing R."""
+    """A one-line ValueError naming the first of selective_scan's inputs its docstring does not
+    allow: not a float tensor, not on x's device, a shape x and A disagree with, cores not
+    dividing R. Both backends run after it: the kernels would read out of bounds."""
     named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D)
     for name, t in named.items():
         if getattr(t, "dtype", None) not in (torch.float32, torch.bfloat16, torch.float16,
@@ -460,8 +461,8 @@ def _check_scan(x, dt, A, B, C, D):
             raise ValueError(f"selective_scan: {name} has shape {list(named[name].shape)}, "
                              f"expected [{dims}] = {list(shape)}")
     if n and (n[0] == 0 or R % n[0]):
-        raise ValueError(f"selective_scan: A has shape {list(A.shape)}: its {n[0]} cores do not "
-                         f"divide x's {R} rows")
+        raise ValueError(f"selective_scan: A has shape {list(A.shape)}, expected n >= 1 cores "
+                         f"that divide x's {R} rows")
 
 
 @torch.compiler.disable  # torch.compile runs the kernels as they are: a graph break around them

@@ -155,5 +155,6 @@ class _SelectiveScan(torch.autograd.Function):
 
 def selective_scan(x, dt, A, B, C, D):
     """reorder.selective_scan's fused kernels: x, dt [R, L, E] (dt before softplus), A [n, E, S],
-    B, C [R, L, S], D [n, E] -> y [R, L, E] float32. Inputs may be float32, bfloat16 or float16."""
+    B, C [R, L, S], D [n, E] -> y [R, L, E] float32, R, L, E, S >= 1 (reorder.selective_scan
+    checks all this first). Inputs may be float32, bfloat16, float16 or float64."""
     return _SelectiveScan.apply(x, dt, A, B, C, D)

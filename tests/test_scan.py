@@ -133,6 +133,7 @@ REFUSED = [
     (spoil("C", torch.zeros(4, 6, 2)), "C has shape [4, 6, 2], expected [R, L, S] = [4, 5, 2]"),
     (spoil("dt", torch.zeros(4, 5, 4)), "dt has shape [4, 5, 4], expected [R, L, E] = [4, 5, 3]"),
     (spoil("x", torch.zeros(4, 15)), "x has shape [4, 15], expected [R, L, E]"),
+    (spoil("x", torch.zeros(4, 5, 3, 1)), "x has shape [4, 5, 3, 1], expected [R, L, E]"),
     (spoil("A", torch.zeros(2, 4, 2)), "A has shape [2, 4, 2], expected [n, E, S] = [2, 3, 2]"),
     (spoil("A", torch.zeros(1, 2), None), "A has shape [1, 2], expected [E, S] = [3, 2]"),
     (spoil("A", torch.zeros(2)), "A has shape [2], expected [E, S] or [n, E, S]"),
