@@ -436,6 +436,35 @@ class _SelectiveScan(torch.autograd.Function):
                 dC.flatten(0, 1), dD.flatten(0, 2), None)
 
 
+def _check_scan(x, dt, A, B, C, D):
+    """A one-line ValueError naming the first of selective_scan's inputs its docstring does not
+    allow: not a float tensor, not on x's device, a shape x and A disagree with, cores not
+    dividing R. Both backends run after it: the kernels would read out of bounds."""
+    named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D)
+    for name, t in named.items():
+        if getattr(t, "dtype", None) not in (torch.float32, torch.bfloat16, torch.float16,
+                                             torch.float64):
+            raise ValueError(f"selective_scan: {name} is {getattr(t, 'dtype', type(t).__name__)}"
+                             ", expected a float32, bfloat16, float16 or float64 tensor")
+        if t.device != x.device:
+            raise ValueError(f"selective_scan: {name} is on {t.device}, x on {x.device}")
+    if x.dim() != 3 or A.dim() not in (2, 3):
+        name, dims = ("x", "[R, L, E]") if x.dim() != 3 else ("A", "[E, S] or [n, E, S]")
+        raise ValueError(f"selective_scan: {name} has shape {list(named[name].shape)}, "
+                         f"expected {dims}")
+    (R, L, E), S, n = x.shape, A.shape[-1], A.shape[:-2]  # n: () for one core, else (cores,)
+    cores = "n, " * len(n)
+    for name, dims, shape in (("dt", "R, L, E", (R, L, E)), ("A", cores + "E, S", (*n, E, S)),
+                              ("B", "R, L, S", (R, L, S)), ("C", "R, L, S", (R, L, S)),
+                              ("D", cores + "E", (*n, E))):
+        if named[name].shape != shape:
+            raise ValueError(f"selective_scan: {name} has shape {list(named[name].shape)}, "
+                             f"expected [{dims}] = {list(shape)}")
+    if n and (n[0] == 0 or R % n[0]):
+        raise ValueError(f"selective_scan: A has shape {list(A.shape)}, expected n >= 1 cores "
+                         f"that divide x's {R} rows")
+
+
 @torch.compiler.disable  # torch.compile runs the kernels as they are: a graph break around them
 def _triton_scan(x, dt, A, B, C, D):
     """reorder_triton's fused kernels, or None where they cannot run: tensors not on CUDA
@@ -469,12 +498,17 @@ def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
         dA = Σ_rows,t Δ_t q_t        dB_t = Σ_e g_t Δ_t x_t
         dC_t = Σ_e gy_t h_t          dD = Σ_rows,t gy_t x_t
     backend: "torch"; "triton", the fused kernels of reorder_triton.py (beside this file); "auto",
-    triton for CUDA tensors where it imports, else torch.
+    triton for CUDA tensors where it imports, else torch. Both refuse other shapes, dtypes or
+    devices with the same one-line ValueError; with R, L, E or S = 0, y = D x (no state, no sum).
     """
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"unknown backend {backend!r}: choose auto, torch or triton")
+    _check_scan(x, dt, A, B, C, D)
     if A.dim() == 2:  # one core
         A, D = A[None], D[None]
+    if x.numel() == 0 or A.numel() == 0:  # no rows, slots or channels, or no state: y = D x
+        zero = sum(t.flatten()[:0].sum() for t in (dt, A, B, C))  # 0, and 0 gradients for them
+        return D.float().repeat_interleave(len(x) // len(A), 0)[:, None] * x.float() + zero
     with torch.autocast(x.device.type, enabled=False):
         if backend == "triton" or (backend == "auto" and x.is_cuda):
             y = _triton_scan(x, dt, A, B, C, D)

@@ -22,7 +22,7 @@ BLOCK_E = 32  # channels per program
 
 @triton.jit
 def _softplus(x):  # log(1 + e^x), to float32 precision for small e^x too (Goldberg's log1p)
-    u = tl.exp(tl.minimum(x, 20.0))
+    u = tl.exp(tl.where(x > 20.0, 20.0, x))  # as F.softplus: x beyond 20; NaN stays NaN
     w = 1.0 + u
     log1p = tl.where(w == 1.0, u, tl.log(w) * u / tl.where(w == 1.0, 1.0, w - 1.0))
     return tl.where(x > 20.0, x, log1p)
@@ -35,6 +35,13 @@ def _load_slot(x_ptr, dt_ptr, B_ptr, row_t, E, S, e, s, e_ok, s_ok):
     dt = tl.load(dt_ptr + row_t * E + e, mask=e_ok, other=0.0).to(tl.float32)
     B = tl.load(B_ptr + row_t * S + s, mask=s_ok, other=0.0).to(tl.float32)
     return x, dt, B
+
+
+@triton.jit
+def _step(h, x, dt, A, B, es_ok):
+    """h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t; 0 in the lanes past E and S, even beside an inf
+    (0 inf = NaN there would reach the sums over channels and states)."""
+    return tl.where(es_ok, tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * B[None, :], 0.0)
 
 
 @triton.jit
@@ -54,8 +61,7 @@ def _forward(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, starts_ptr, L, E,
         for t in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, L)):
             x, dt, B = _load_slot(x_ptr, dt_ptr, B_ptr, r * L + t, E, S, e, s, e_ok, s_ok)
             C = tl.load(C_ptr + (r * L + t) * S + s, mask=s_ok, other=0.0).to(tl.float32)
-            dt = _softplus(dt)
-            h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * B[None, :]
+            h = _step(h, x, _softplus(dt), A, B, es_ok)
             y = tl.sum(h * C[None, :], axis=1) + D * x
             tl.store(y_ptr + (r * L + t) * E + e, y, mask=e_ok)
 
@@ -87,8 +93,7 @@ def _backward(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, starts_ptr, gy_ptr, wor
         tl.store(work + local, h)
         for j in range(0, slots):  # the chunk's states again, from its start
             x, dt, B = _load_slot(x_ptr, dt_ptr, B_ptr, r * L + t0 + j, E, S, e, s, e_ok, s_ok)
-            dt = _softplus(dt)
-            h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * B[None, :]
+            h = _step(h, x, _softplus(dt), A, B, es_ok)
             tl.store(work + (j + 1) * BLOCK_E * BLOCK_S + local, h)
         tl.debug_barrier()
         for j in range(0, slots):  # then backwards through them
@@ -98,10 +103,10 @@ def _backward(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, starts_ptr, gy_ptr, wor
             C = tl.load(C_ptr + (r * L + t) * S + s, mask=s_ok, other=0.0).to(tl.float32)
             gy = tl.load(gy_ptr + (r * L + t) * E + e, mask=e_ok, other=0.0).to(tl.float32)
             dt = _softplus(dt_raw)
-            a = tl.exp(dt[:, None] * A)
+            a = tl.where(es_ok, tl.exp(dt[:, None] * A), 0.0)  # not exp(inf 0) in the padding
             h = tl.load(work + (k + 1) * BLOCK_E * BLOCK_S + local)
             h_prev = tl.load(work + k * BLOCK_E * BLOCK_S + local)
-            g = g_next + gy[:, None] * C[None, :]  # dL/dh_t
+            g = tl.where(es_ok, g_next + gy[:, None] * C[None, :], 0.0)  # dL/dh_t, as h
             q = g * a * h_prev  # dL/d(Δ_t A)
             gB = tl.sum(g * B[None, :], axis=1)
             tl.store(dx_ptr + (r * L + t) * E + e, dt * gB + D * gy, mask=e_ok)
@@ -150,5 +155,6 @@ class _SelectiveScan(torch.autograd.Function):
 
 def selective_scan(x, dt, A, B, C, D):
     """reorder.selective_scan's fused kernels: x, dt [R, L, E] (dt before softplus), A [n, E, S],
-    B, C [R, L, S], D [n, E] -> y [R, L, E] float32. Inputs may be float32, bfloat16 or float16."""
+    B, C [R, L, S], D [n, E] -> y [R, L, E] float32, R, L, E, S >= 1 (reorder.selective_scan
+    checks all this first). Inputs may be float32, bfloat16, float16 or float64."""
     return _SelectiveScan.apply(x, dt, A, B, C, D)
