@@ -4,6 +4,7 @@ with each run's CPU time (user + sys, the figure that contention changes least) 
 
     python tests/known_answer.py                                  # 6 starts x 8 seeds, and twins
     python tests/known_answer.py --starts spiral,row --seeds 0 --twin-seeds 0
+    python tests/known_answer.py --report                         # only the table of runs done
 
 Runs go two at a time, one thread each, into runs/known-answer/<start>-s<seed>[-frozen]; a run
 whose result.json exists is not run again, so the sweep can be stopped and restarted. Prints the
@@ -77,6 +78,8 @@ def table(results, starts, seeds):
             cells.append("–" if r is None else f"{r['side_by_side']}/8 {r['val_top1']:.1f}" +
                          (f" ({twin['val_top1']:.1f})" if twin else ""))
         done = [r for r in runs if not r["frozen"]]
+        if not done:
+            continue
         reached = sum(r["side_by_side"] == 8 for r in done)
         read = sorted(r["fixed_top1"] for r in done)
         spread = max(r["spread"] for r in done)
@@ -97,14 +100,18 @@ def main(argv=None):
                     help="seeds that also run the frozen twin (--policy-lr 0); '' for none")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "known-answer"))
+    ap.add_argument("--report", action="store_true", help="run nothing: tabulate the runs done")
     args = ap.parse_args(argv)
     starts, seeds = args.starts.split(","), [int(s) for s in args.seeds.split(",")]
     twins = {int(s) for s in args.twin_seeds.split(",") if s}
     jobs = [(start, seed, frozen) for seed in seeds for start in starts  # seed-major: a partial
             for frozen in (False, True) if not frozen or seed in twins]  # sweep covers each start
+    folder = {job: os.path.join(args.out, f"{job[0]}-s{job[1]}" + "-frozen" * job[2])
+              for job in jobs}
+    if args.report:
+        jobs = [job for job in jobs if os.path.exists(os.path.join(folder[job], "result.json"))]
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda job: run(os.path.join(
-            args.out, f"{job[0]}-s{job[1]}" + "-frozen" * job[2]), *job), jobs))
+        results = list(pool.map(lambda job: run(folder[job], *job), jobs))
     text = table(results, starts, seeds)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(text + "\n")
