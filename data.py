@@ -564,7 +564,10 @@ PAIR_COLOURS = ["#e6194b", "#f58231", "#ffe119", "#3cb44b", "#42d4f4", "#4363d8"
 def label_font():
     """Pillow's own font at 12 px: at its default 10 px the spaces between words vanish."""
     from PIL import ImageFont
-    return ImageFont.load_default(size=12)
+    try:
+        return ImageFont.load_default(size=12)
+    except (ImportError, TypeError):  # Pillow without FreeType, or before 10.1: its bitmap font
+        return ImageFont.load_default()
 
 
 def draw_orders(path, grid, orders, columns=4, pairs=None):
