@@ -578,6 +578,15 @@ PAIR_COLOURS = ["#e6194b", "#f58231", "#ffe119", "#3cb44b", "#42d4f4", "#4363d8"
                 "#a9a9a9", "#800000", "#9a6324", "#808000", "#000075"]  # a few distinct colours
 
 
+def label_font():
+    """Pillow's own font at 12 px: at its default 10 px the spaces between words vanish."""
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=12)
+    except (ImportError, TypeError):  # Pillow without FreeType, or before 10.1: its bitmap font
+        return ImageFont.load_default()
+
+
 def draw_orders(path, grid, orders, columns=4, pairs=None):
     """One PNG of orders ({title: perm}) side by side: each patch coloured by its slot (dark =
     early), the path through the patch centres in white, the first patch marked red. With pairs
@@ -589,6 +598,7 @@ def draw_orders(path, grid, orders, columns=4, pairs=None):
     rows = -(-len(orders) // columns)
     sheet = Image.new("RGB", (columns * (pw + 12) + 12, rows * (ph + 30) + 12), "white")
     pen = ImageDraw.Draw(sheet)
+    pen.font = label_font()
     for k, (title, perm) in enumerate(orders.items()):
         x0, y0 = 12 + (k % columns) * (pw + 12), 12 + (k // columns) * (ph + 30)
         pen.text((x0, y0), title, fill="black")
@@ -624,10 +634,11 @@ def draw_curve(path, history, pairs=0):
     """A PNG of val top-1 (%) per epoch (blue) and, for a known-answer task of `pairs` pairs, the
     share of partners side by side (orange), over the phases (fixed, learn, finetune) shaded."""
     from PIL import Image, ImageDraw
-    width, height, left, top, bottom = 480, 300, 40, 34, 30
+    width, height, left, top, bottom = 480, 300, 40, 34, 36
     x1, y1 = width - 12, height - bottom
     sheet = Image.new("RGB", (width, height), "white")
     pen = ImageDraw.Draw(sheet)
+    pen.font = label_font()
     n = max(len(history), 2)
     xs = [left + (x1 - left) * i / (n - 1) for i in range(n)]
     for i, line in enumerate(history):  # the phases as bands behind the curves
@@ -650,5 +661,9 @@ def draw_curve(path, history, pairs=0):
             pen.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
         pen.text((left + 120 * k, 8), name, fill=colour)
     pen.text((left, 20), "phases: fixed (grey), learn (blue), finetune (green)", fill="#555555")
-    pen.text((left, y1 + 8), f"epoch 0 ... {len(history) - 1}", fill="black")
+    step = next(k for k in (1, 2, 5, 10, 20, 50, 100, 200, 500) if n / k <= 12 or k == 500)
+    for i in range(0, len(history), step):  # epoch ticks, about 12 or fewer
+        pen.line([xs[i], y1, xs[i], y1 + 4], fill="black")
+        pen.text((xs[i] - 3 * len(str(i)), y1 + 6), str(i), fill="black")
+    pen.text((x1 - 30, y1 + 17), "epoch", fill="black")
     sheet.save(path, format="PNG", optimize=True)

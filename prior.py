@@ -185,14 +185,21 @@ def main(argv=None):
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     a, count = ap.add_argument, data.number(int, 1)
     cores = data.number(int, 1, high=data.CORES, why=data.ON_CORES)
-    a("--data", default="fashion-mnist", choices=data.DATASETS)
+    a("--data", default="fashion-mnist", choices=data.DATASETS, help="the data set (default: "
+                                                                    "%(default)s)")
     a("--root", default=None, help="data folder (default: the dataset's usual place)")
-    a("--n", type=count, default=1000, help="images to sample from the training split")
-    a("--img-size", type=count, default=32)
-    a("--patch", type=count, default=4)
-    a("--codebook", type=count, default=256, help="k-means codes (the VQ vocabulary)")
-    a("--preset", type=int, default=6, choices=range(10), help="LZMA preset")
-    a("--seed", type=data.number(int, 0, high=2 ** 32 - 2), default=0)
+    a("--n", type=count, default=1000, metavar="N",
+      help="images to sample from the training split (default: %(default)s)")
+    a("--img-size", type=count, default=32, metavar="PX",
+      help="image side, after resizing (default: %(default)s)")
+    a("--patch", type=count, default=4, metavar="PX",
+      help="patch side: a grid of img-size / patch (default: %(default)s)")
+    a("--codebook", type=count, default=256, metavar="K",
+      help="k-means codes, the VQ vocabulary (default: %(default)s)")
+    a("--preset", type=int, default=6, choices=range(10), metavar="0-9",
+      help="LZMA preset, 0 fastest to 9 smallest (default: %(default)s)")
+    a("--seed", type=data.number(int, 0, high=2 ** 32 - 2), default=0, metavar="N",
+      help="seeds the image sample and k-means (default: %(default)s)")
     a("--workers", type=cores, default=os.cpu_count(), help="processes (default: all cores)")
     a("--order-file", action="append", default=[], help="also score a saved order (repeatable)")
     a("--out", default="prior.json", help="the table as JSON (its folder is made)")

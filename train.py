@@ -873,9 +873,10 @@ def parse_args(argv=None):
     a = ap.add_argument_group("model").add_argument
     a("--model", default="tiny", choices=sorted(reorder.PRESETS),
       help="size preset: tiny 192 wide, small 384, base 768 (the paper's); 12 layers each")
-    a("--dim", type=count, metavar="N", help="width, overriding the preset's")
-    a("--depth", type=count, metavar="N", help="layers, overriding the preset's")
-    a("--heads", type=count, metavar="N", help="attention heads, overriding the preset's")
+    a("--dim", type=count, metavar="N", help="width (default: the preset's, 192 / 384 / 768)")
+    a("--depth", type=count, metavar="N", help="layers (default: the preset's, 12)")
+    a("--heads", type=count, metavar="N", help="attention heads (default: the preset's, 3 / 6 / "
+                                               "12)")
     a("--mixer", default="window", choices=reorder.MIXERS,
       help="window (Longformer), causal (Transformer-XL), mamba (one scan), bimamba (the paper's "
            "Mamba: four scans)")
