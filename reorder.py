@@ -430,7 +430,7 @@ class _SelectiveScan(torch.autograd.Function):
         x_in, dt_in, A_in, B_in, C_in, D, starts = ctx.saved_tensors
         (n, E, S), (R, L), T = A_in.shape, x_in.shape[:2], ctx.chunk
         x, dt, xd, A, B, C = _prepare(x_in, dt_in, A_in, B_in, C_in)
-        gy, ones = grad_y.float(), x.new_ones(S)
+        gy, ones = grad_y.float().contiguous(), x.new_ones(S)  # (y.sum()'s gradient: a view)
         dx, ddt, dA = torch.empty_like(x), torch.empty_like(x), torch.zeros_like(A[:, 0])
         dB, dC = torch.zeros_like(B), torch.zeros_like(C)  # sums over channel blocks
         for rs, es in _blocks(R, E, S, min(T, L)):
@@ -440,14 +440,16 @@ class _SelectiveScan(torch.autograd.Function):
                 h0, A_b, B_b, dt_b, xd_b = starts[rs, c, es], A[rs, :, es], B[rs, ts], \
                     dt[rs, ts, es], xd[rs, ts, es]
                 a, h = _scan_chunk(h0, xd_b, dt_b, A_b, B_b)  # [r, T, e, S]
+                r, e = h.shape[0], h.shape[2]
                 g = gy[rs, ts, es, None] * C[rs, ts, None]  # then g_t = C_t gy_t + a_{t+1} g_{t+1}
                 gs, as_ = g.unbind(1), a.unbind(1)
                 gs[-1].add_(g_next)
                 for t in range(len(gs) - 2, -1, -1):
                     gs[t].addcmul_(as_[t + 1], gs[t + 1])
                 g_next = as_[0] * gs[0]
-                dC[rs, ts] += (gy[rs, ts, None, es] @ h).squeeze(-2)  # Σ_e gy h
-                dB[rs, ts] += (xd_b[..., None, :] @ g).squeeze(-2)  # Σ_e g Δ x
+                gy_b = gy[rs, ts, es].reshape(-1, 1, e)  # Σ_e: batched [1, e] x [e, S] products
+                dC[rs, ts] += torch.bmm(gy_b, h.view(-1, e, S)).view(r, -1, S)  # Σ_e gy h
+                dB[rs, ts] += torch.bmm(xd_b.reshape(-1, 1, e), g.view(-1, e, S)).view(r, -1, S)
                 G = (g * B_b[..., None, :]) @ ones  # Σ_s g B  [r, T, e]
                 q = a.mul_(g)  # then q_t = g_t a_t h_{t-1}
                 q[:, 1:] *= h[:, :-1]
@@ -485,7 +487,7 @@ def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
     cores A [n, E, S], D [n, E], core k reading rows k R / n to (k + 1) R / n - 1. Returns y
     [R, L, E] in float32, the math's dtype whatever the inputs' (float32, bfloat16, float16).
     The states [R, L, E, S] are never kept. The torch path walks the slots in chunks (`chunk`
-    slots; by default enough for about 2^20 state entries, 4 MB, and at least 16), keeps the
+    slots; by default 16, or more where all rows' chunk fits SCAN_BLOCK entries), keeps the
     state before each chunk ([R, L / chunk, E, S]: at most the size of x) and its backward pass
     recomputes a chunk's states from there. The gradients, with gy = dL/dy, a_t = exp(Δ_t A),
     g_t = dL/dh_t = C_t gy_t + a_{t+1} ⊙ g_{t+1} (the recurrence run backwards),

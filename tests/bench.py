@@ -13,8 +13,8 @@ mamba       the scan, forward + backward, against its floor (its flops per state
             thread's rate of torch's elementwise work in cache); a training step, mamba and
             bimamba against window, at 196 tokens (28 px, patch 2, width 64, depth 4, batch 64)
             and the Results' 49-token plateau size (patch 4, width 16, depth 2, batch 32), one
-            thread and two; bytes saved for backward at the paper's size, mamba and bimamba
-            against window ±7
+            thread and two, and bimamba with its scan replaced by y = dt x; bytes saved for
+            backward at the paper's size, mamba and bimamba against window ±7
 recurrence  reorder.selective_scan's torch path against the recurrence slot by slot under
             autograd (the tests' reference), mambapy's pscan (if installed) and, on CUDA, its
             Triton kernels; forward + backward, E = 192 (--dim), S = 16, (B, L) from (1, 197)
@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -250,16 +251,18 @@ def bench_scan(args, device):
 
 # the scan's arithmetic per state entry (row, slot, channel e, state s): forward 6 flops (Δ A,
 # Δ x B, a h + b, C · h); backward 19 (recompute Δ A, Δ x B, a h + b; g = C gy + a g; q = g a h;
-# then Σ_s q A, Σ_s g B, Σ Δ q, Σ_e g Δ x, Σ_e gy h, a multiply and an add each); exp(Δ A) twice
+# then Σ_s q A, Σ_s g B, Σ Δ q, Σ_e g Δ x, Σ_e gy h, a multiply and an add each); exp(Δ A)
+# twice
 SCAN_FLOPS, SCAN_EXPS = 6 + 19, 2
 
 
 def elementwise_rates(n=2 ** 16, calls=64):
     """This thread's rate of torch's elementwise work in cache: flop/s of addcmul_ (2 flops an
-    entry) and exp2/s, each on vectors of n float32 (256 KB: three fit in L2), best of 5 runs."""
-    a, b, c = torch.rand(3, n)
+    entry) and exp/s (of Δ A's range, -5 to 0), each on vectors of n float32 (256 KB: three fit
+    in L2), best of 5 runs."""
+    a, b, c = -5 * torch.rand(3, n)
     rates = []
-    for op, per_entry in ((lambda: c.addcmul_(a, b), 2), (lambda: torch.exp2(a, out=c), 1)):
+    for op, per_entry in ((lambda: c.addcmul_(a, b), 2), (lambda: torch.exp(a, out=c), 1)):
         best = math.inf
         for _ in range(5):
             t0 = time.perf_counter()
@@ -270,10 +273,19 @@ def elementwise_rates(n=2 ** 16, calls=64):
     return rates
 
 
+def free_scan(step):
+    """step with reorder.selective_scan replaced by y = dt x: what the rest of a Mamba model costs
+    (a lower bound on a step with any scan)."""
+    def run():
+        with mock.patch.object(reorder, "selective_scan", lambda x, dt, *_: dt * x):
+            step()
+    return run
+
+
 def bench_mamba(args, device):
     """The scan against its floor; a training step, mamba and bimamba against window, at the
-    issue's 196-token size and the Results' 49-token plateau size, one thread and two; the bytes
-    autograd saves for backward at ViT-Base."""
+    issue's 196-token size and the Results' 49-token plateau size, one thread and two, and bimamba
+    with a free scan (free_scan); the bytes autograd saves for backward at ViT-Base."""
     from test_scan import scan_inputs
     threads = torch.get_num_threads()
     print(f"\n## the scan against its floor: forward + backward of reorder.selective_scan's "
@@ -281,7 +293,7 @@ def bench_mamba(args, device):
     torch.set_num_threads(1)
     flop_rate, exp_rate = elementwise_rates()
     print(f"floor = R L E S x ({SCAN_FLOPS} flops / {flop_rate / 1e9:.1f} GFLOP/s + {SCAN_EXPS} "
-          f"exp / {exp_rate / 1e9:.2f} G exp2/s), the rates of addcmul_ and exp2 on 256 KB "
+          f"exp / {exp_rate / 1e9:.2f} G exp/s), the rates of addcmul_ and exp on 256 KB "
           f"vectors in cache, this thread")
     for R, L, E in args.floor_sizes:
         inputs = scan_inputs(R, L, E, 16, 4)
@@ -297,16 +309,17 @@ def bench_mamba(args, device):
               f"window in the same process")
         for name, (img, patch, dim, depth, batch, window) in args.step_sizes.items():
             fns = {}
-            for mixer in ("window", "mamba", "bimamba"):
+            for mixer in ("window", "mamba", "bimamba", "free scan"):
                 model, optimizer, images, labels = setup(
-                    "tiny", img, patch, batch, device, dim=dim, depth=depth, heads=2, mixer=mixer,
-                    window=window)
+                    "tiny", img, patch, batch, device, dim=dim, depth=depth, heads=2,
+                    mixer=mixer.replace("free scan", "bimamba"), window=window)
                 fns[mixer] = training_step(model, optimizer, images, labels,
                                            [reorder.order("row", *model.grid)], None)
+            fns["free scan"] = free_scan(fns["free scan"])
             sec = median_times(fns, device, 3, budget_s=1.0)
-            print(f"{name}: window ±{window} {sec['window'] * 1e3:.0f} ms, mamba "
-                  f"{sec['mamba'] * 1e3:.0f} ms ({sec['mamba'] / sec['window']:.2f}x), bimamba "
-                  f"{sec['bimamba'] * 1e3:.0f} ms ({sec['bimamba'] / sec['window']:.2f}x)")
+            print(f"{name}: window ±{window} {sec['window'] * 1e3:.0f} ms, " + ", ".join(
+                f"{k} {sec[k] * 1e3:.0f} ms ({sec[k] / sec['window']:.2f}x)"
+                for k in ("mamba", "bimamba", "free scan")))
     torch.set_num_threads(threads)
     model_name, img, patch, batch = args.paper_model, args.paper_image, args.paper_patch, 2
     mem = {}
@@ -543,7 +556,8 @@ FULL = dict(attention_sizes=[(197, 7), (1024, 64), (4096, 64), (16384, 64)],
             paper_batch=2, loader_n=512, loader_batch=64, ckpt_mib=1024)
 TINY = dict(attention_sizes=[(33, 3), (64, 4)], layer_sizes=[16, 36], layer_long=[],
             rec_sizes=[(1, 8), (2, 32)], floor_sizes=[(8, 9, 4)],
-            step_sizes={"16 tokens": (16, 4, 16, 1, 2, 2)}, fault_attention=[64, 256], fault_scan=[16, 64],
+            step_sizes={"16 tokens": (16, 4, 16, 1, 2, 2)}, fault_attention=[64, 256],
+            fault_scan=[16, 64],
             images=[(16, 4)], dim=16, heads=2, repeats=1, train_batch=2, prior_n=40,
             paper_model="tiny", paper_image=32, paper_patch=8, paper_batch=1, loader_n=12,
             loader_batch=4, ckpt_mib=4)
