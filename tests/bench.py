@@ -90,10 +90,11 @@ def step(attend, q, k, v):
     q.grad = k.grad = v.grad = None
 
 
-def median_times(fns, device, repeats, budget_s=2.0):
+def median_times(fns, device, repeats, budget_s=2.0, clock=time.perf_counter):
     """{name: median seconds of fn()}, the fns run alternately (so drift hits all alike) after one
     warm-up call each, at least `repeats` rounds and more until `budget_s` has passed (50 at
-    most)."""
+    most). clock: wall time, or time.process_time (this process's CPU time: what other jobs'
+    load does not count, on one thread the same as wall time on a quiet machine)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     runs = {name: [] for name in fns}
     for fn in fns.values():
@@ -102,10 +103,10 @@ def median_times(fns, device, repeats, budget_s=2.0):
             (sum(sum(r) for r in runs.values()) < budget_s and len(next(iter(runs.values()))) < 50):
         for name, fn in fns.items():
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             sync()
-            runs[name].append(time.perf_counter() - t0)
+            runs[name].append(clock() - t0)
     return {name: statistics.median(r) for name, r in runs.items()}
 
 
@@ -259,16 +260,16 @@ SCAN_FLOPS, SCAN_EXPS = 6 + 19, 2
 def elementwise_rates(n=2 ** 16, calls=64):
     """This thread's rate of torch's elementwise work in cache: flop/s of addcmul_ (2 flops an
     entry) and exp/s (of Δ A's range, -5 to 0), each on vectors of n float32 (256 KB: three fit
-    in L2), best of 5 runs."""
+    in L2), best of 5 runs of CPU time."""
     a, b, c = -5 * torch.rand(3, n)
     rates = []
     for op, per_entry in ((lambda: c.addcmul_(a, b), 2), (lambda: torch.exp(a, out=c), 1)):
         best = math.inf
         for _ in range(5):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             for _ in range(calls):
                 op()
-            best = min(best, time.perf_counter() - t0)
+            best = min(best, time.process_time() - t0)
         rates.append(per_entry * n * calls / best)
     return rates
 
@@ -289,7 +290,7 @@ def bench_mamba(args, device):
     from test_scan import scan_inputs
     threads = torch.get_num_threads()
     print(f"\n## the scan against its floor: forward + backward of reorder.selective_scan's "
-          f"torch path, 4 cores, S = 16, median of >= 3 runs, one thread")
+          f"torch path, 4 cores, S = 16, median of >= 3 runs, one thread, CPU time")
     torch.set_num_threads(1)
     flop_rate, exp_rate = elementwise_rates()
     print(f"floor = R L E S x ({SCAN_FLOPS} flops / {flop_rate / 1e9:.1f} GFLOP/s + {SCAN_EXPS} "
@@ -298,15 +299,17 @@ def bench_mamba(args, device):
     for R, L, E in args.floor_sizes:
         inputs = scan_inputs(R, L, E, 16, 4)
         sec = median_times({"scan": lambda: torch.autograd.grad(
-            reorder.selective_scan(*inputs, backend="torch").sum(), inputs)}, device, 3)["scan"]
+            reorder.selective_scan(*inputs, backend="torch").sum(), inputs)}, device, 3,
+            clock=time.process_time)["scan"]
         floor = R * L * E * 16 * (SCAN_FLOPS / flop_rate + SCAN_EXPS / exp_rate)
         print(f"R {R:>4} L {L:>4} E {E:>3}: {sec * 1e3:>8.1f} ms, floor {floor * 1e3:>7.1f} ms: "
               f"{sec / floor:.1f}x the floor")
     for n_threads in (1, 2):
         torch.set_num_threads(n_threads)
         print(f"\n## a training step (train.model_step + AdamW), float32, {n_threads} "
-              f"thread{'s' * (n_threads > 1)}: median of >= 3 alternating steps, each against "
-              f"window in the same process")
+              f"thread{'s' * (n_threads > 1)}: median of >= 3 alternating steps "
+              f"({'CPU' if n_threads == 1 else 'wall'} time), each against window in the same "
+              f"process")
         for name, (img, patch, dim, depth, batch, window) in args.step_sizes.items():
             fns = {}
             for mixer in ("window", "mamba", "bimamba", "free scan"):
@@ -316,7 +319,8 @@ def bench_mamba(args, device):
                 fns[mixer] = training_step(model, optimizer, images, labels,
                                            [reorder.order("row", *model.grid)], None)
             fns["free scan"] = free_scan(fns["free scan"])
-            sec = median_times(fns, device, 3, budget_s=1.0)
+            sec = median_times(fns, device, 3, budget_s=1.0,
+                               clock=time.process_time if n_threads == 1 else time.perf_counter)
             print(f"{name}: window ±{window} {sec['window'] * 1e3:.0f} ms, " + ", ".join(
                 f"{k} {sec[k] * 1e3:.0f} ms ({sec[k] / sec['window']:.2f}x)"
                 for k in ("mamba", "bimamba", "free scan")))
