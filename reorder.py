@@ -365,8 +365,9 @@ def window_attention(q, k, v, window: Optional[int], causal: bool = False):
     return banded_attention(q, k, v, window, causal)
 
 
-SCAN_BLOCK = 2 ** 17  # state entries in a block of the torch path (512 KB in float32): its few
-# [rows, slots, channels, S] tensors then stay in a core's L2 cache (2 MB here), not in memory
+SCAN_BLOCK = 2 ** 18  # state entries in a block of the torch path (1 MB in float32): its few
+# [rows, slots, channels, S] tensors stay in cache (2 MB of L2 a core here), not in memory; as
+# fast as 2^17 on one thread, faster on two (each thread's half in its own L2; docs/results.md)
 
 
 def _blocks(R, E, S, T):

@@ -545,8 +545,8 @@ def bench_resume(args, device):
         print(f"{name:<22} {min(t):.2f} s ({min(t) / load:.2f}x torch.load)")
 
 
-SECTIONS = {"attention": bench_attention, "scan": bench_scan, "mamba": bench_mamba,
-            "recurrence": bench_recurrence,
+SECTIONS = {"attention": bench_attention, "scan": bench_scan, "recurrence": bench_recurrence,
+            "mamba": bench_mamba,
             "faults": bench_faults, "throughput": bench_throughput, "policy": bench_policy,
             "prior": bench_prior, "loader": bench_loader, "paper": bench_paper,
             "resume": bench_resume}
