@@ -365,75 +365,103 @@ def window_attention(q, k, v, window: Optional[int], causal: bool = False):
     return banded_attention(q, k, v, window, causal)
 
 
-def _scan_chunk(h0, x, dt, A2, B):
-    """The states of a chunk of T slots from the state h0 before it: h0 [..., E, S]; x, Δ
-    [..., T, E]; A2 = A log2(e) [..., 1, E, S]; B [..., T, S] -> a = exp(Δ A), h [..., T, E, S]."""
-    a = torch.exp2(dt[..., None] * A2)  # exp(Δ A), as 2^(Δ A log2 e): twice as fast on CPU
-    h = (dt * x)[..., None] * B[..., None, :]  # b_t = Δ_t B_t x_t, then h_t = b_t + a_t h_{t-1}
-    hs, as_ = h.unbind(-3), a.unbind(-3)  # views, one per slot; in place: no graph per step
+SCAN_BLOCK = 2 ** 18  # state entries in a block of the torch path (1 MB in float32): its few
+# [rows, slots, channels, S] tensors stay in cache (2 MB of L2 a core here), not in memory; as
+# fast as 2^17 on one thread, faster on two (each thread's half in its own L2; docs/results.md)
+
+
+def _blocks(R, E, S, T):
+    """The torch path's blocks: (rows, channels) slices that tile R rows x E channels, cut evenly,
+    a block of T slots at most SCAN_BLOCK state entries (one channel of one row at least)."""
+    e_blocks = -(-T * E * S // SCAN_BLOCK)
+    eb = -(-E // e_blocks)
+    rb = -(-R // -(-R // max(1, SCAN_BLOCK // (T * eb * S))))
+    return [(slice(r, r + rb), slice(e, e + eb)) for r in range(0, R, rb) for e in range(0, E, eb)]
+
+
+def _scan_chunk(h0, xd, dt, A, B):
+    """The states of a chunk of T slots from the state h0 before it: h0 [r, E, S]; Δ x and Δ
+    [r, T, E]; A [r, 1, E, S]; B [r, T, S] -> a = exp(Δ A), h [r, T, E, S] (r rows, E channels:
+    a block's)."""
+    a = torch.exp(dt[..., None] * A)
+    h = xd[..., None] * B[..., None, :]  # b_t = Δ_t B_t x_t, then h_t = b_t + a_t h_{t-1}
+    hs, as_ = h.unbind(1), a.unbind(1)  # views, one per slot; in place: no graph per step
     hs[0].addcmul_(as_[0], h0)
     for t in range(1, len(hs)):
         hs[t].addcmul_(as_[t], hs[t - 1])
     return a, h
 
 
+def _prepare(x, dt, A, B, C):
+    """The blocks' inputs in float32: x, Δ = softplus(dt), Δ x [R, L, E]; B, C [R, L, S]; A per
+    row (its core's) [R, 1, E, S]."""
+    x, dt = x.float(), F.softplus(dt.float())
+    return x, dt, dt * x, A.float().repeat_interleave(len(x) // len(A), 0)[:, None], B.float(), \
+        C.float()
+
+
 class _SelectiveScan(torch.autograd.Function):
-    """selective_scan's torch path, on rows [n, R / n, L, .]: chunk by chunk forward, keeping the
-    state before each chunk; backward, chunk by chunk from the last, recomputing the chunk's
-    states from that start. Autograd casts each gradient to its input's dtype."""
+    """selective_scan's torch path on rows [R, L, .], in blocks of rows and channels (_blocks) that
+    fit in cache, each walked chunk by chunk: forward keeping the state before each chunk;
+    backward, chunk by chunk from the last, recomputing the chunk's states from that start. Σ_s
+    is a product with a vector of ones (on CPU faster than sum(-1) over 16 entries). Autograd
+    casts each gradient to its input's dtype."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, chunk):
-        (n, E, S), L = A.shape, x.shape[1]
-        x, dt, B, C = (t.unflatten(0, (n, -1)) for t in (x, dt, B, C))  # views: [n, R / n, L, .]
-        A2, D = A.float()[:, None, None] * math.log2(math.e), D.float()[:, None, None]
-        y = x.new_empty(x.shape, dtype=torch.float32)
-        starts = x.new_empty((*x.shape[:2], -(-L // chunk), E, S), dtype=torch.float32)
-        h = starts.new_zeros(*x.shape[:2], E, S)
-        for c in range(starts.shape[2]):
-            ts = slice(c * chunk, (c + 1) * chunk)
-            starts[:, :, c] = h
-            x_c, dt_c = x[:, :, ts].float(), F.softplus(dt[:, :, ts].float())  # Δ
-            h = _scan_chunk(h, x_c, dt_c, A2, B[:, :, ts].float())[1]  # [n, R / n, T, E, S]
-            y[:, :, ts] = (h * C[:, :, ts, None].float()).sum(-1) + D * x_c  # C_t · h_t + D x_t
-            h = h[:, :, -1]
-        ctx.save_for_backward(x, dt, A, B, C, D, starts)
+    def forward(ctx, x_in, dt_in, A_in, B_in, C_in, D, chunk):
+        (n, E, S), (R, L) = A_in.shape, x_in.shape[:2]
+        x, dt, xd, A, B, C = _prepare(x_in, dt_in, A_in, B_in, C_in)
+        y, ones = torch.empty_like(x), x.new_ones(S)
+        starts = x.new_empty((R, -(-L // chunk), E, S))
+        for rs, es in _blocks(R, E, S, min(chunk, L)):
+            h = x.new_zeros(starts[rs, 0, es].shape)
+            for c in range(starts.shape[1]):
+                ts = slice(c * chunk, (c + 1) * chunk)
+                starts[rs, c, es] = h
+                h = _scan_chunk(h, xd[rs, ts, es], dt[rs, ts, es], A[rs, :, es], B[rs, ts])[1]
+                y[rs, ts, es] = (h * C[rs, ts, None]) @ ones  # C_t · h_t
+                h = h[:, -1]
+        y.view(n, -1, L, E).addcmul_(D.float()[:, None, None], x.view(n, -1, L, E))  # + D x_t
+        ctx.save_for_backward(x_in, dt_in, A_in, B_in, C_in, D, starts)
         ctx.chunk = chunk
-        return y.flatten(0, 1)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, dt_in, A, B, C, D, starts = ctx.saved_tensors
-        A = A.float()[:, None, None]  # [n, 1, 1, E, S]
-        A2, gy = A * math.log2(math.e), grad_y.float().view(x.shape)  # gy [n, R / n, L, E]
-        dx, ddt = torch.empty_like(gy), torch.empty_like(gy)
-        dB, dC = torch.empty_like(B, dtype=torch.float32), torch.empty_like(C, dtype=torch.float32)
-        dA = torch.zeros_like(A)
-        g_next = 0  # a_{t+1} ⊙ g_{t+1} from the chunk after this one
-        for c in reversed(range(starts.shape[2])):
-            ts = slice(c * ctx.chunk, (c + 1) * ctx.chunk)
-            x_c, dt_c, B_c, C_c = (t[:, :, ts].float() for t in (x, dt_in, B, C))
-            gy_c, sig = gy[:, :, ts], torch.sigmoid(dt_c)  # dΔ/ddt = sigmoid(dt)
-            dt_c = F.softplus(dt_c)
-            a, h = _scan_chunk(starts[:, :, c], x_c, dt_c, A2, B_c)  # [n, R / n, T, E, S]
-            g = gy_c[..., None] * C_c[..., None, :]  # then g_t = C_t gy_t + a_{t+1} g_{t+1}
-            gs, as_ = g.unbind(-3), a.unbind(-3)
-            gs[-1].add_(g_next)
-            for t in range(len(gs) - 2, -1, -1):
-                gs[t].addcmul_(as_[t + 1], gs[t + 1])
-            g_next = as_[0] * gs[0]
-            q = a * g  # then q_t = g_t a_t h_{t-1}
-            q[:, :, 1:] *= h[:, :, :-1]
-            q[:, :, 0] *= starts[:, :, c]
-            G = (g * B_c[..., None, :]).sum(-1)  # Σ_s g B  [n, R / n, T, E]
-            dx[:, :, ts] = dt_c * G + D * gy_c
-            ddt[:, :, ts] = ((q * A).sum(-1) + x_c * G) * sig
-            dA += (q * dt_c[..., None]).sum((1, 2), keepdim=True)
-            dB[:, :, ts] = ((dt_c * x_c)[..., None, :] @ g).squeeze(-2)  # Σ_e g Δ x
-            dC[:, :, ts] = (gy_c[..., None, :] @ h).squeeze(-2)  # Σ_e gy h
-        dD = (gy * x.float()).sum((1, 2), keepdim=True)
-        return (dx.flatten(0, 1), ddt.flatten(0, 1), dA.flatten(0, 2), dB.flatten(0, 1),
-                dC.flatten(0, 1), dD.flatten(0, 2), None)
+        x_in, dt_in, A_in, B_in, C_in, D, starts = ctx.saved_tensors
+        (n, E, S), (R, L), T = A_in.shape, x_in.shape[:2], ctx.chunk
+        x, dt, xd, A, B, C = _prepare(x_in, dt_in, A_in, B_in, C_in)
+        gy, ones = grad_y.float().contiguous(), x.new_ones(S)  # (y.sum()'s gradient: a view)
+        dx, ddt, dA = torch.empty_like(x), torch.empty_like(x), torch.zeros_like(A[:, 0])
+        dB, dC = torch.zeros_like(B), torch.zeros_like(C)  # sums over channel blocks
+        for rs, es in _blocks(R, E, S, min(T, L)):
+            g_next = 0  # a_{t+1} ⊙ g_{t+1} from the chunk after this one
+            for c in reversed(range(starts.shape[1])):
+                ts = slice(c * T, (c + 1) * T)
+                h0, A_b, B_b, dt_b, xd_b = starts[rs, c, es], A[rs, :, es], B[rs, ts], \
+                    dt[rs, ts, es], xd[rs, ts, es]
+                a, h = _scan_chunk(h0, xd_b, dt_b, A_b, B_b)  # [r, T, e, S]
+                r, e = h.shape[0], h.shape[2]
+                g = gy[rs, ts, es, None] * C[rs, ts, None]  # then g_t = C_t gy_t + a_{t+1} g_{t+1}
+                gs, as_ = g.unbind(1), a.unbind(1)
+                gs[-1].add_(g_next)
+                for t in range(len(gs) - 2, -1, -1):
+                    gs[t].addcmul_(as_[t + 1], gs[t + 1])
+                g_next = as_[0] * gs[0]
+                gy_b = gy[rs, ts, es].reshape(-1, 1, e)  # Σ_e: batched [1, e] x [e, S] products
+                dC[rs, ts] += torch.bmm(gy_b, h.view(-1, e, S)).view(r, -1, S)  # Σ_e gy h
+                dB[rs, ts] += torch.bmm(xd_b.reshape(-1, 1, e), g.view(-1, e, S)).view(r, -1, S)
+                G = (g * B_b[..., None, :]) @ ones  # Σ_s g B  [r, T, e]
+                q = a.mul_(g)  # then q_t = g_t a_t h_{t-1}
+                q[:, 1:] *= h[:, :-1]
+                q[:, 0] *= h0
+                dx[rs, ts, es] = dt_b * G
+                ddt[rs, ts, es] = (q * A_b) @ ones + x[rs, ts, es] * G
+                dA[rs, es] += (q * dt_b[..., None]).sum(1)
+        Dc, x, gy = D.float()[:, None, None], x.view(n, -1, L, E), gy.view(n, -1, L, E)
+        dx.view(n, -1, L, E).addcmul_(Dc, gy)
+        ddt *= torch.sigmoid(dt_in.float())  # dΔ/ddt
+        return (dx, ddt, dA.view(n, -1, E, S).sum(1), dB, dC, (gy * x).sum((1, 2)), None)
 
 
 def _check_scan(x, dt, A, B, C, D):
@@ -489,7 +517,7 @@ def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
     cores A [n, E, S], D [n, E], core k reading rows k R / n to (k + 1) R / n - 1. Returns y
     [R, L, E] in float32, the math's dtype whatever the inputs' (float32, bfloat16, float16).
     The states [R, L, E, S] are never kept. The torch path walks the slots in chunks (`chunk`
-    slots; by default enough for about 2^20 state entries, 4 MB, and at least 16), keeps the
+    slots; by default 16, or more where all rows' chunk fits SCAN_BLOCK entries), keeps the
     state before each chunk ([R, L / chunk, E, S]: at most the size of x) and its backward pass
     recomputes a chunk's states from there. The gradients, with gy = dL/dy, a_t = exp(Δ_t A),
     g_t = dL/dh_t = C_t gy_t + a_{t+1} ⊙ g_{t+1} (the recurrence run backwards),
@@ -518,7 +546,7 @@ def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
                 raise ValueError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), "
                                  "triton and reorder_triton.py beside reorder.py")
         return _SelectiveScan.apply(x, dt, A, B, C, D,
-                                    chunk or max(16, 2 ** 20 // x.shape[0] // A[0].numel()))
+                                    chunk or max(16, SCAN_BLOCK // x.shape[0] // A[0].numel()))
 
 
 class Mamba(nn.Module):

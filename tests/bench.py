@@ -9,9 +9,16 @@ attention   windowed vs dense masked attention, forward + backward, N = 197 (±7
             process per case)
 scan        the Mamba layers (width 192, d_state 16, batch 1), forward + backward: mamba and
             bimamba at N = 196, 1024, 4096; mamba at 16384; time, peak memory, growth with N
+mamba       the scan, forward + backward, against its floor (its flops per state entry at this
+            thread's rate of torch's elementwise work in cache); a training step, mamba and
+            bimamba against window, at 196 tokens (28 px, patch 2, width 64, depth 4, batch 64)
+            and the Results' 49-token plateau size (patch 4, width 16, depth 2, batch 32), one
+            thread and two, and bimamba with its scan replaced by y = dt x; bytes saved for
+            backward at the paper's size, mamba and bimamba against window ±7
 recurrence  reorder.selective_scan's torch path against the recurrence slot by slot under
-            autograd (the tests' reference) and, on CUDA, its Triton kernels; forward +
-            backward, E = 192 (--dim), S = 16, (B, L) from (1, 197) to (64, 197), (1, 4096)
+            autograd (the tests' reference), mambapy's pscan (if installed) and, on CUDA, its
+            Triton kernels; forward + backward, E = 192 (--dim), S = 16, (B, L) from (1, 197)
+            to (64, 197), (1, 4096)
 faults      time per 4x tokens without and with data.keep_freed_memory() (each in a fresh
             process, as mallopt cannot be undone): windowed attention 4096 -> 16384, the mamba
             layer 1024 -> 4096 -> 16384
@@ -33,6 +40,7 @@ A script, not a test: nothing here asserts a time (tests/test_model.py runs --ti
 process calls data.keep_freed_memory(), as train.py does. Sizes above are the full run's.
 """
 import argparse
+import importlib.util
 import os
 import math
 import statistics
@@ -40,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -81,10 +90,11 @@ def step(attend, q, k, v):
     q.grad = k.grad = v.grad = None
 
 
-def median_times(fns, device, repeats, budget_s=2.0):
+def median_times(fns, device, repeats, budget_s=2.0, clock=time.perf_counter):
     """{name: median seconds of fn()}, the fns run alternately (so drift hits all alike) after one
     warm-up call each, at least `repeats` rounds and more until `budget_s` has passed (50 at
-    most)."""
+    most). clock: wall time, or time.process_time (this process's CPU time: what other jobs'
+    load does not count, on one thread the same as wall time on a quiet machine)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     runs = {name: [] for name in fns}
     for fn in fns.values():
@@ -93,10 +103,10 @@ def median_times(fns, device, repeats, budget_s=2.0):
             (sum(sum(r) for r in runs.values()) < budget_s and len(next(iter(runs.values()))) < 50):
         for name, fn in fns.items():
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             sync()
-            runs[name].append(time.perf_counter() - t0)
+            runs[name].append(clock() - t0)
     return {name: statistics.median(r) for name, r in runs.items()}
 
 
@@ -165,14 +175,26 @@ def bench_faults(args, device):
             last = now
 
 
+def mambapy_scan(x, dt, A, B, C, D):
+    """mambapy's selective scan (its Blelloch pscan over the states [B, L, E, S], autograd for
+    the backward): measured only, not a dependency (run where it is installed)."""
+    from mambapy.pscan import pscan
+    dt = F.softplus(dt)
+    hs = pscan(torch.exp(dt[..., None] * A), (dt * x)[..., None] * B[:, :, None])
+    return (hs @ C[..., None]).squeeze(-1) + D * x
+
+
 def bench_recurrence(args, device):
     from test_scan import scan_inputs, scan_reference  # the slot-by-slot loop of the tests
     fns = {"torch": lambda *t: reorder.selective_scan(*t, backend="torch"), "loop": scan_reference}
+    if importlib.util.find_spec("mambapy"):
+        fns["pscan"] = mambapy_scan
     if device.type == "cuda":
         fns["triton"] = lambda *t: reorder.selective_scan(*t, backend="triton")
     print(f"\n## the selective scan: x, dt [B, L, {args.dim}], S = 16, one core, forward + "
           f"backward, median of >= 3 alternating runs; torch and triton paths of "
-          f"reorder.selective_scan, and the recurrence slot by slot under autograd (B L <= 8192)")
+          f"reorder.selective_scan, the recurrence slot by slot under autograd (B L <= 8192) "
+          f"and mambapy's pscan (if installed)")
     print(f"{'B':>3} {'L':>5} | " + " ".join(f"{k + ' ms':>9}" for k in fns) + " | "
           + " ".join(f"{k + '/torch':>12}" for k in fns if k != "torch"))
     for batch, n in args.rec_sizes:
@@ -226,6 +248,92 @@ def bench_scan(args, device):
     for n in args.layer_sizes:
         print(f"bimamba / mamba at N = {n}: time "
               f"{results['bimamba', n][0] / results['scan', n][0]:.2f}x")
+
+
+# the scan's arithmetic per state entry (row, slot, channel e, state s): forward 6 flops (Δ A,
+# Δ x B, a h + b, C · h); backward 19 (recompute Δ A, Δ x B, a h + b; g = C gy + a g; q = g a h;
+# then Σ_s q A, Σ_s g B, Σ Δ q, Σ_e g Δ x, Σ_e gy h, a multiply and an add each); exp(Δ A)
+# twice
+SCAN_FLOPS, SCAN_EXPS = 6 + 19, 2
+
+
+def elementwise_rates(n=2 ** 16, calls=64):
+    """This thread's rate of torch's elementwise work in cache: flop/s of addcmul_ (2 flops an
+    entry) and exp/s (of Δ A's range, -5 to 0), each on vectors of n float32 (256 KB: three fit
+    in L2), best of 5 runs of CPU time."""
+    a, b, c = -5 * torch.rand(3, n)
+    rates = []
+    for op, per_entry in ((lambda: c.addcmul_(a, b), 2), (lambda: torch.exp(a, out=c), 1)):
+        best = math.inf
+        for _ in range(5):
+            t0 = time.process_time()
+            for _ in range(calls):
+                op()
+            best = min(best, time.process_time() - t0)
+        rates.append(per_entry * n * calls / best)
+    return rates
+
+
+def free_scan(step):
+    """step with reorder.selective_scan replaced by y = dt x: what the rest of a Mamba model costs
+    (a lower bound on a step with any scan)."""
+    def run():
+        with mock.patch.object(reorder, "selective_scan", lambda x, dt, *_: dt * x):
+            step()
+    return run
+
+
+def bench_mamba(args, device):
+    """The scan against its floor; a training step, mamba and bimamba against window, at the
+    issue's 196-token size and the Results' 49-token plateau size, one thread and two, and bimamba
+    with a free scan (free_scan); the bytes autograd saves for backward at ViT-Base."""
+    from test_scan import scan_inputs
+    threads = torch.get_num_threads()
+    print(f"\n## the scan against its floor: forward + backward of reorder.selective_scan's "
+          f"torch path, 4 cores, S = 16, median of >= 3 runs, one thread, CPU time")
+    torch.set_num_threads(1)
+    flop_rate, exp_rate = elementwise_rates()
+    print(f"floor = R L E S x ({SCAN_FLOPS} flops / {flop_rate / 1e9:.1f} GFLOP/s + {SCAN_EXPS} "
+          f"exp / {exp_rate / 1e9:.2f} G exp/s), the rates of addcmul_ and exp on 256 KB "
+          f"vectors in cache, this thread")
+    for R, L, E in args.floor_sizes:
+        inputs = scan_inputs(R, L, E, 16, 4)
+        sec = median_times({"scan": lambda: torch.autograd.grad(
+            reorder.selective_scan(*inputs, backend="torch").sum(), inputs)}, device, 3,
+            clock=time.process_time)["scan"]
+        floor = R * L * E * 16 * (SCAN_FLOPS / flop_rate + SCAN_EXPS / exp_rate)
+        print(f"R {R:>4} L {L:>4} E {E:>3}: {sec * 1e3:>8.1f} ms, floor {floor * 1e3:>7.1f} ms: "
+              f"{sec / floor:.1f}x the floor")
+    for n_threads in (1, 2):
+        torch.set_num_threads(n_threads)
+        print(f"\n## a training step (train.model_step + AdamW), float32, {n_threads} "
+              f"thread{'s' * (n_threads > 1)}: median of >= 3 alternating steps "
+              f"({'CPU' if n_threads == 1 else 'wall'} time), each against window in the same "
+              f"process")
+        for name, (img, patch, dim, depth, batch, window) in args.step_sizes.items():
+            fns = {}
+            for mixer in ("window", "mamba", "bimamba", "free scan"):
+                model, optimizer, images, labels = setup(
+                    "tiny", img, patch, batch, device, dim=dim, depth=depth, heads=2,
+                    mixer=mixer.replace("free scan", "bimamba"), window=window)
+                fns[mixer] = training_step(model, optimizer, images, labels,
+                                           [reorder.order("row", *model.grid)], None)
+            fns["free scan"] = free_scan(fns["free scan"])
+            sec = median_times(fns, device, 3, budget_s=1.0,
+                               clock=time.process_time if n_threads == 1 else time.perf_counter)
+            print(f"{name}: window ±{window} {sec['window'] * 1e3:.0f} ms, " + ", ".join(
+                f"{k} {sec[k] * 1e3:.0f} ms ({sec[k] / sec['window']:.2f}x)"
+                for k in ("mamba", "bimamba", "free scan")))
+    torch.set_num_threads(threads)
+    model_name, img, patch, batch = args.paper_model, args.paper_image, args.paper_patch, 2
+    mem = {}
+    for mixer in ("window", "mamba", "bimamba"):
+        model, _, images, labels = setup(model_name, img, patch, batch, device, mixer=mixer)
+        mem[mixer] = saved_bytes(model, images, labels, reorder.order("row", *model.grid)) / batch
+    print(f"\n## bytes autograd saves for backward, --model {model_name}, {img} px, patch {patch}, "
+          f"batch {batch}, float32, per image: window ±7 {mem['window'] / 1e6:.1f} MB, mamba "
+          f"{mem['mamba'] / 1e6:.1f} MB ({mem['mamba'] / mem['window']:.2f}x), bimamba "
+          f"{mem['bimamba'] / 1e6:.1f} MB ({mem['bimamba'] / mem['window']:.2f}x)")
 
 
 def training_step(model, optimizer, images, labels, perms, dtype):
@@ -462,17 +570,22 @@ def bench_memory(args, device):
 
 
 SECTIONS = {"attention": bench_attention, "scan": bench_scan, "recurrence": bench_recurrence,
+            "mamba": bench_mamba,
             "faults": bench_faults, "throughput": bench_throughput, "policy": bench_policy,
             "prior": bench_prior, "loader": bench_loader, "paper": bench_paper,
             "resume": bench_resume, "memory": bench_memory}
 FULL = dict(attention_sizes=[(197, 7), (1024, 64), (4096, 64), (16384, 64)],
             layer_sizes=[196, 1024, 4096], layer_long=[16384],
             rec_sizes=[(1, 197), (1, 1024), (1, 4096), (8, 197), (8, 1024), (64, 197)],
+            floor_sizes=[(256, 197, 64), (128, 50, 16), (8, 197, 192)],
+            step_sizes={"196 tokens": (28, 2, 64, 4, 64, 7), "49 tokens": (28, 4, 16, 2, 32, 2)},
             fault_attention=[4096, 16384], fault_scan=[1024, 4096, 16384],
             images=[(32, 4), (224, 16)], paper_model="base", paper_image=224, paper_patch=16,
             paper_batch=2, loader_n=512, loader_batch=64, ckpt_mib=1024)
 TINY = dict(attention_sizes=[(33, 3), (64, 4)], layer_sizes=[16, 36], layer_long=[],
-            rec_sizes=[(1, 8), (2, 32)], fault_attention=[64, 256], fault_scan=[16, 64],
+            rec_sizes=[(1, 8), (2, 32)], floor_sizes=[(8, 9, 4)],
+            step_sizes={"16 tokens": (16, 4, 16, 1, 2, 2)}, fault_attention=[64, 256],
+            fault_scan=[16, 64],
             images=[(16, 4)], dim=16, heads=2, repeats=1, train_batch=2, prior_n=40,
             paper_model="tiny", paper_image=32, paper_patch=8, paper_batch=1, loader_n=12,
             loader_batch=4, ckpt_mib=4)

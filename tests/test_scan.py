@@ -109,6 +109,57 @@ def test_scan_keeps_its_inputs_and_one_state_per_chunk_for_backward():
     assert sum(saved.values()) == 2 * 3 * 8 * 16 * 4  # 3 chunks of 16 slots, float32
 
 
+# R, L, E, S, cores, chunk, SCAN_BLOCK, blocks: of one row and a third of the channels (E = 6 cut
+# 2, 2, 2; E = 7 cut 3, 3, 1), of two rows within a core, one of all rows across four cores; L not
+# a multiple of the chunk
+BLOCK_CASES = [(8, 23, 6, 4, 4, 5, 48, 24), (4, 17, 7, 4, 2, 4, 40, 12),
+               (8, 40, 3, 2, 2, 16, 256, 4), (8, 9, 3, 2, 4, 4, 200, 1)]
+
+
+@pytest.mark.parametrize("R,L,E,S,cores,chunk,block,blocks", BLOCK_CASES)
+def test_torch_scan_in_blocks_equals_the_recurrence(monkeypatch, R, L, E, S, cores, chunk, block,
+                                                    blocks):
+    monkeypatch.setattr(reorder, "SCAN_BLOCK", block)
+    assert len(reorder._blocks(R, E, S, chunk)) == blocks
+    assert_scan_equals_reference(
+        lambda *t: reorder.selective_scan(*t, backend="torch", chunk=chunk),
+        scan_inputs(R, L, E, S, cores, seed=L))
+
+
+@pytest.mark.parametrize("R,E,S,T,block", [(256, 64, 16, 16, 2 ** 17), (8, 768, 16, 16, 2 ** 17),
+                                            (1, 192, 16, 42, 2 ** 17), (5, 7, 3, 4, 40),
+                                            (3, 5, 2, 100, 64), (7, 1, 1, 1, 3)])
+def test_blocks_tile_rows_and_channels_within_the_budget(monkeypatch, R, E, S, T, block):
+    monkeypatch.setattr(reorder, "SCAN_BLOCK", block)
+    cover = torch.zeros(R, E, dtype=torch.int)
+    for rows, channels in reorder._blocks(R, E, S, T):
+        cover[rows, channels] += 1
+        entries = len(range(R)[rows]) * T * len(range(E)[channels]) * S
+        assert entries <= max(block, T * S), (rows, channels)  # one channel of a row at least
+    assert (cover == 1).all()
+
+
+def test_default_chunk_keeps_its_memory_budget_and_the_recurrence(monkeypatch):
+    # by default a chunk is 16 slots, or longer where all rows' chunk fits one block: the states
+    # kept for backward are at most x's size times S / 16 (plus one chunk), whatever the rows
+    monkeypatch.setattr(reorder, "SCAN_BLOCK", 2 ** 10)
+    for R, L, E, S, cores in ((2, 100, 4, 4, None), (8, 50, 3, 2, 4), (4, 40, 8, 16, 2)):
+        inputs = scan_inputs(R, L, E, S, cores, seed=R)
+        kept = {t.untyped_storage().data_ptr() for t in inputs}
+        saved = []
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in kept:
+                saved.append(t)
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            reorder.selective_scan(*inputs, backend="torch")
+        chunk = max(16, 2 ** 10 // (R * E * S))  # 32, 21 and 16 slots
+        assert [tuple(t.shape) for t in saved] == [(R, -(-L // chunk), E, S)]
+        assert_scan_equals_reference(lambda *t: reorder.selective_scan(*t, backend="torch"),
+                                     inputs)
+
+
 def test_bad_backend_is_a_one_line_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     inputs = scan_inputs(1, 3, 2, 2, None)
