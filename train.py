@@ -112,9 +112,13 @@ def model_step(model, optimizer, scaler, images, labels, perms, dtype, clip):
 
 
 def sample_orders(policy, k, tau, generator, images=None):
-    """K orders by Gumbel-top-k at temperature tau, for the batch [K, N] or per image [K, B, N]."""
+    """K orders by Gumbel-top-k at temperature tau, for the batch [K, N] or per image [K, B, N]:
+    rank 0's, sent to every rank."""
     perms = policy.sample(k * (images or 1), tau, generator)[0]
-    return perms.view(k, -1) if images is None else perms.view(k, images, -1)
+    perms = perms.view(k, -1) if images is None else perms.view(k, images, -1)
+    if WORLD > 1:
+        dist.broadcast(perms, 0)
+    return perms
 
 
 def policy_optimizer(policy, lr):
@@ -713,7 +717,6 @@ def train(args):
         start_perm = meta["start_perm"].to(device)
         net = torch.compile(model) if args.compile else model
         net = torch.nn.parallel.DistributedDataParallel(net) if WORLD > 1 else net
-
         current_order = policy.mode if policy is not None else (lambda: start_perm)
         # a known-answer task (data.PairImages): its answer puts every pair side by side
         classes, pairs = model.cfg.num_classes, getattr(data.base_dataset(train_set), "pairs", None)
@@ -743,8 +746,6 @@ def train(args):
                     perms = sample_orders(policy, args.orders_per_step if stage == "learn" else 1,
                                           tau, policy_gen,
                                           len(y) if args.granularity == "image" else None)
-                    if WORLD > 1:
-                        dist.broadcast(perms, 0)
                 else:
                     perms = current_order()[None]
 
