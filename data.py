@@ -25,9 +25,8 @@ from torch.utils.data import Dataset, Subset
 
 import reorder
 
-DATASETS = ("cifar10", "fashion-mnist", "imagenet", "fmow", "folder", "synthetic", "pairs",
-            "neighbours", "majority")
 GENERATED = ("synthetic", "pairs", "neighbours", "majority")  # made from the index: any number
+DATASETS = ("cifar10", "fashion-mnist", "imagenet", "fmow", "folder") + GENERATED
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 ON_CORES = " (the cores this process may run on)"  # the most worker processes a flag may ask

@@ -373,9 +373,9 @@ SCAN_BLOCK = 2 ** 18  # state entries in a block of the torch path (1 MB in floa
 def _blocks(R, E, S, T):
     """The torch path's blocks: (rows, channels) slices that tile R rows x E channels, cut evenly,
     a block of T slots at most SCAN_BLOCK state entries (one channel of one row at least)."""
-    e_blocks = -(-T * E * S // SCAN_BLOCK)
-    eb = -(-E // e_blocks)
-    rb = -(-R // -(-R // max(1, SCAN_BLOCK // (T * eb * S))))
+    eb = -(-E // -(-T * E * S // SCAN_BLOCK))  # E cut evenly into ceil(T E S / SCAN_BLOCK) parts
+    rows = max(1, SCAN_BLOCK // (T * eb * S))  # the most rows of eb channels a block holds
+    rb = -(-R // -(-R // rows))  # R cut evenly into ceil(R / rows) parts
     return [(slice(r, r + rb), slice(e, e + eb)) for r in range(0, R, rb) for e in range(0, E, eb)]
 
 

@@ -282,9 +282,9 @@ def check_memory(args, cfg, device):
              "the orders sampled a step (--orders-per-step)": 48 * orders * n}
     rest = {"the images' index (--subset)": 8 * (args.data in data.GENERATED) * (args.subset or 0)}
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for need, have, where in ([(model, torch.cuda.get_device_properties(device).total_memory,
-                                "the GPU"), (rest, ram, "RAM")] if device.type == "cuda" else
-                              [({**model, **rest}, ram, "RAM")]):
+    pools = [(model, torch.cuda.get_device_properties(device).total_memory, "the GPU"),
+             (rest, ram, "RAM")] if device.type == "cuda" else [({**model, **rest}, ram, "RAM")]
+    for need, have, where in pools:
         if sum(need.values()) > have:
             raise UsageError(f"this run needs at least {sum(need.values()) / 2 ** 30:.3g} GiB of "
                              f"{where}, which has {have / 2 ** 30:.3g} GiB: most for "
