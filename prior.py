@@ -200,7 +200,7 @@ def main(argv=None):
       help="LZMA preset, 0 fastest to 9 smallest (default: %(default)s)")
     a("--seed", type=data.number(int, 0, high=2 ** 32 - 2), default=0, metavar="N",
       help="seeds the image sample and k-means (default: %(default)s)")
-    a("--workers", type=cores, default=os.cpu_count(), help="processes (default: all cores)")
+    a("--workers", type=cores, default=data.CORES, help="processes (default: all cores)")
     a("--order-file", action="append", default=[], help="also score a saved order (repeatable)")
     a("--out", default="prior.json", help="the table as JSON (its folder is made)")
     args = ap.parse_args(argv)

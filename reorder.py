@@ -372,7 +372,8 @@ SCAN_BLOCK = 2 ** 18  # state entries in a block of the torch path (1 MB in floa
 
 def _blocks(R, E, S, T):
     """The torch path's blocks: (rows, channels) slices that tile R rows x E channels, cut evenly,
-    a block of T slots at most SCAN_BLOCK state entries (one channel of one row at least)."""
+    a block of T slots about SCAN_BLOCK state entries: at most that where the cuts are exact
+    (powers of two), a little more where an even cut rounds up; one channel of one row at least."""
     eb = -(-E // -(-T * E * S // SCAN_BLOCK))  # E cut evenly into ceil(T E S / SCAN_BLOCK) parts
     rows = max(1, SCAN_BLOCK // (T * eb * S))  # the most rows of eb channels a block holds
     rb = -(-R // -(-R // rows))  # R cut evenly into ceil(R / rows) parts
