@@ -50,6 +50,16 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """train.py's and prior.py's --help: each option's default, where it has one that is not
+    computed from others."""
+
+    def _get_help_string(self, action):
+        shown = action.default not in (None, argparse.SUPPRESS) and action.default is not False \
+            and "default" not in action.help
+        return action.help + (" (default: %(default)s)" if shown else "")
+
+
 def number(cast=float, low=None, above=None, high=None, why=""):
     """An argparse type: cast(text), finite, >= low, > above, <= high (`why`: the reason for high,
     shown); in size an integer below 2**63 (torch's int64), a float 0 or within 1e-30..1e30; else a

@@ -10,7 +10,6 @@ the ordering to start the policy from: the least compressible one, as in the pap
 
     python prior.py --data fashion-mnist --n 1000 --img-size 32 --patch 4 --out prior.json
 """
-import argparse
 import itertools
 import json
 import lzma
@@ -127,7 +126,7 @@ def compressibility(images: torch.Tensor, patch_size: int, orders=None, codebook
     codes = encode(vectors, centres).numpy().astype(np.int64)
     perms = np.stack([perm.numpy() for perm in orders.values()])
 
-    workers = workers or os.cpu_count() or 1
+    workers = workers or data.CORES
     block = max(1, min(256, math.ceil(len(codes) / (4 * workers))))  # ~4 jobs a worker
     jobs = [(codes[i:i + block], perms, len(centres), preset) for i in range(0, len(codes), block)]
     pool = mp.get_context().Pool(workers, _default_signals) if workers > 1 else nullcontext()
@@ -181,27 +180,22 @@ def sample_images(dataset, n: int, seed: int) -> torch.Tensor:
 
 
 def main(argv=None):
-    ap = data.OneLineParser(description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = data.OneLineParser(description=__doc__, formatter_class=data.HelpFormatter)
     a, count = ap.add_argument, data.number(int, 1)
     cores = data.number(int, 1, high=data.CORES, why=data.ON_CORES)
-    a("--data", default="fashion-mnist", choices=data.DATASETS, help="the data set (default: "
-                                                                    "%(default)s)")
+    a("--data", default="fashion-mnist", choices=data.DATASETS, help="the data set")
     a("--root", default=None, help="data folder (default: the dataset's usual place)")
-    a("--n", type=count, default=1000, metavar="N",
-      help="images to sample from the training split (default: %(default)s)")
-    a("--img-size", type=count, default=32, metavar="PX",
-      help="image side, after resizing (default: %(default)s)")
-    a("--patch", type=count, default=4, metavar="PX",
-      help="patch side: a grid of img-size / patch (default: %(default)s)")
-    a("--codebook", type=count, default=256, metavar="K",
-      help="k-means codes, the VQ vocabulary (default: %(default)s)")
+    a("--n", type=count, default=1000, metavar="N", help="images to sample from the training split")
+    a("--img-size", type=count, default=32, metavar="PX", help="image side, after resizing")
+    a("--patch", type=count, default=4, metavar="PX", help="patch side: a grid of img-size / patch")
+    a("--codebook", type=count, default=256, metavar="K", help="k-means codes, the VQ vocabulary")
     a("--preset", type=int, default=6, choices=range(10), metavar="0-9",
-      help="LZMA preset, 0 fastest to 9 smallest (default: %(default)s)")
+      help="LZMA preset, 0 fastest to 9 smallest")
     a("--seed", type=data.number(int, 0, high=2 ** 32 - 2), default=0, metavar="N",
-      help="seeds the image sample and k-means (default: %(default)s)")
+      help="seeds the image sample and k-means")
     a("--workers", type=cores, default=data.CORES, help="processes (default: all cores)")
-    a("--order-file", action="append", default=[], help="also score a saved order (repeatable)")
+    a("--order-file", action="append", default=[],
+      help="also score a saved order (repeatable; default: none)")
     a("--out", default="prior.json", help="the table as JSON (its folder is made)")
     args = ap.parse_args(argv)
 

@@ -845,17 +845,8 @@ def interrupted(signum, out, saved, steps_per_epoch):
 # Command line: every number checked where it is parsed
 # --------------------------------------------------------------------------------------------------
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help with each option's default, where it has one that is not computed from others."""
-
-    def _get_help_string(self, action):
-        shown = action.default not in (None, argparse.SUPPRESS) and action.default is not False \
-            and "default" not in action.help
-        return action.help + (" (default: %(default)s)" if shown else "")
-
-
 def parse_args(argv=None):
-    ap = data.OneLineParser(description=__doc__, formatter_class=HelpFormatter)
+    ap = data.OneLineParser(description=__doc__, formatter_class=data.HelpFormatter)
     count, whole, positive, nonneg = number(int, 1), number(int, 0), number(above=0), number(low=0)
     cores = number(int, 0, high=data.CORES, why=data.ON_CORES)
     a = ap.add_argument_group("data").add_argument
