@@ -5,6 +5,7 @@ with each run's CPU time (user + sys, the figure that contention changes least) 
     python tests/known_answer.py                                  # 6 starts x 8 seeds, and twins
     python tests/known_answer.py --starts spiral,row --seeds 0 --twin-seeds 0
     python tests/known_answer.py --report                         # only the table of runs done
+    python tests/known_answer.py --reach     # how far apart pairs must be under the six orders
 
 Runs go two at a time, one thread each, into runs/known-answer/<start>-s<seed>[-frozen]; a run
 whose result.json exists is not run again, so the sweep can be stopped and restarted. Prints the
@@ -18,7 +19,12 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import data  # noqa: E402
+import reorder  # noqa: E402
 # the README's first command, less --order and --out
 DEMO = ["--data", "majority", "--img-size", "16", "--patch", "4", "--dim", "32", "--depth", "2",
         "--heads", "2", "--window", "1", "--subset", "2048", "--val-subset", "1000",
@@ -91,6 +97,30 @@ def table(results, starts, seeds):
     return "\n".join(lines)
 
 
+def common_reach(h=4, w=4):
+    """(R, pairs): the smallest R such that some pairing of the h x w patches keeps every pair
+    within R slots under each of the six orders, and one such pairing (a search over pairings,
+    pruned by R). A model that reads pairs only within R slots can be rewarded from every start
+    only on a task whose pairs are all that close; on 4 x 4, R = 5."""
+    slots = [reorder.order(name, h, w).argsort() for name in STARTS]
+    apart = torch.stack([(s[:, None] - s[None, :]).abs() for s in slots]).amax(0)  # [N, N]
+
+    def pairing(R, left):  # a pairing of the patches `left` within R of each other, or None
+        if not left:
+            return []
+        for b in left[1:]:
+            if apart[left[0], b] <= R:
+                rest = pairing(R, [c for c in left[1:] if c != b])
+                if rest is not None:
+                    return [(left[0], b)] + rest
+        return None
+
+    for R in range(1, h * w):
+        pairs = pairing(R, list(range(h * w)))
+        if pairs is not None:
+            return R, pairs
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,7 +131,17 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "known-answer"))
     ap.add_argument("--report", action="store_true", help="run nothing: tabulate the runs done")
+    ap.add_argument("--reach", action="store_true", help="run nothing: the demo's pairs' slots "
+                    "apart under each start, and the smallest reach any pairing can have")
     args = ap.parse_args(argv)
+    if args.reach:
+        for start in STARTS:
+            gaps = data.pair_gaps(reorder.order(start, 4, 4), 4, 4).int().tolist()
+            print(f"{start:9s} the demo's pairs are {gaps} slots apart")
+        R, pairs = common_reach()
+        print(f"no pairing of the 4 x 4 patches keeps every pair within {R - 1} slots under all "
+              f"six orders; within {R}: {pairs}")
+        return
     starts, seeds = args.starts.split(","), [int(s) for s in args.seeds.split(",")]
     twins = {int(s) for s in args.twin_seeds.split(",") if s}
     jobs = [(start, seed, frozen) for seed in seeds for start in starts  # seed-major: a partial

@@ -106,3 +106,15 @@ def test_from_a_start_the_model_cannot_read_the_orders_score_alike_and_the_polic
     assert len(learn) == 16 and all(h["order_spread"] < 0.1 * h["batch_noise"] for h in learn)
     assert torch.equal(run["order"], reorder.order(start, 4, 4))
     assert run["history"][-1]["val_top1"] < 60
+
+
+def test_no_pairing_puts_every_pair_within_two_slots_under_all_six_starts():
+    # issue 35's bound (docs/results.md): window ±1 at depth 2 reads a pair only within 2 slots,
+    # and a pair dr rows, dc columns apart is |4 dr + dc| slots apart in row order and |4 dc + dr|
+    # in column order, so any pairing leaves at least 4 pairs out of reach from row or from column;
+    # under all six orders, the smallest reach that holds every pair of some pairing is 5 slots
+    import known_answer
+    R, pairs = known_answer.common_reach()
+    slots = [reorder.order(start, 4, 4).argsort() for start in known_answer.STARTS]
+    assert R == 5 and sorted(p for pair in pairs for p in pair) == list(range(16))
+    assert max(int(abs(s[a] - s[b])) for s in slots for a, b in pairs) == 5
