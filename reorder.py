@@ -14,7 +14,6 @@ import ctypes
 import functools
 import math
 import os
-import platform
 import subprocess
 import tempfile
 import warnings
@@ -419,8 +418,6 @@ def _c_scan():
         lib = os.path.join(folder, "scan.so")
         cmd = [os.environ.get("CC", "cc"), "-O3", "-march=native", "-ffast-math", "-fopenmp",
                "-shared", "-fPIC", src, "-o", lib, "-lm"]
-        if platform.machine() == "x86_64":
-            cmd.insert(3, "-mprefer-vector-width=512")  # 16 lanes where AVX-512 is there
         try:
             subprocess.run(cmd, check=True, capture_output=True, text=True)
             return ctypes.CDLL(lib)

@@ -13,37 +13,44 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__x86_64__)
+#pragma GCC target("prefer-vector-width=512")  /* 16 lanes where -march=native has AVX-512 */
+#endif
 
 #define AT(r, t, width) (((long)(r) * L + (t)) * (width))  /* slot t of row r, [R, L, width] */
 
-/* y = C · h (without D x); starts as above */
+/* y = C · h (without D x); starts as above. Chunk by chunk, then channel by channel: a chunk's B
+   and C stay in L1 while all channels read them (a row's whole B and C did not, at 16k slots). */
 void scan_forward(int R, int L, int E, int S, int T, int threads, const float *dt,
                   const float *xd, const float *A, const float *B, const float *C, float *y,
                   float *starts) {
   int chunks = (L + T - 1) / T;
   #pragma omp parallel for num_threads(threads)
-  for (int r = 0; r < R; r++)
-    for (int e = 0; e < E; e++) {
-      const float *a = A + ((long)r * E + e) * S;
-      float h[S];
-      memset(h, 0, sizeof h);
-      for (int t = 0; t < L; t++) {
-        long i = AT(r, t, E) + e, j = AT(r, t, S);
-        if (t % T == 0)
-          memcpy(starts + (((long)r * chunks + t / T) * E + e) * S, h, sizeof h);
-        float d = dt[i], u = xd[i], acc = 0;
-        #pragma omp simd reduction(+:acc)
-        for (int s = 0; s < S; s++) {
-          h[s] = expf(d * a[s]) * h[s] + u * B[j + s];  /* h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t */
-          acc += h[s] * C[j + s];
+  for (int r = 0; r < R; r++) {
+    float *hr = calloc((size_t)E * S, sizeof(float));  /* the row's states, [E, S] */
+    for (int c = 0; c < chunks; c++) {
+      memcpy(starts + ((long)r * chunks + c) * E * S, hr, sizeof(float) * E * S);
+      for (int e = 0; e < E; e++) {
+        const float *a = A + ((long)r * E + e) * S;
+        float *h = hr + (long)e * S;
+        for (int t = c * T; t < L && t < (c + 1) * T; t++) {
+          long i = AT(r, t, E) + e, j = AT(r, t, S);
+          float d = dt[i], u = xd[i], acc = 0;
+          #pragma omp simd reduction(+:acc)
+          for (int s = 0; s < S; s++) {
+            h[s] = expf(d * a[s]) * h[s] + u * B[j + s];  /* exp(Δ_t A) h_{t-1} + Δ_t B_t x_t */
+            acc += h[s] * C[j + s];
+          }
+          y[i] = acc;
         }
-        y[i] = acc;
       }
     }
+    free(hr);
+  }
 }
 
 /* dx = Δ G and ddt = Σ_s q A + x G (dΔ, before dΔ/ddt) [R, L, E]; dA [R, E, S] per row; dB, dC
-   [R, L, S], zeros on entry (sums over channels) */
+   [R, L, S]; dA, dB and dC zeros on entry (sums over slots or channels) */
 void scan_backward(int R, int L, int E, int S, int T, int threads, const float *x,
                    const float *dt, const float *xd, const float *A, const float *B,
                    const float *C, const float *gy, const float *starts, float *dx, float *ddt,
@@ -51,15 +58,14 @@ void scan_backward(int R, int L, int E, int S, int T, int threads, const float *
   int chunks = (L + T - 1) / T;
   #pragma omp parallel for num_threads(threads)
   for (int r = 0; r < R; r++) {
-    float *hs = malloc(sizeof(float) * (2 * T + 1) * S), *as = hs + (T + 1) * S;  /* h, exp(ΔA) */
-    for (int e = 0; e < E; e++) {
-      const float *a = A + ((long)r * E + e) * S;
-      float g[S], da[S];  /* g: a_{t+1} g_{t+1}, carried from the slot after; da: Σ_t Δ q */
-      memset(g, 0, sizeof g);
-      memset(da, 0, sizeof da);
-      for (int c = chunks - 1; c >= 0; c--) {
-        int t0 = c * T, n = L - t0 < T ? L - t0 : T;
-        memcpy(hs, starts + (((long)r * chunks + c) * E + e) * S, sizeof g);
+    float *gr = calloc((size_t)E * S + (2 * T + 1) * S, sizeof(float));  /* a_{t+1} g_{t+1} */
+    float *hs = gr + (long)E * S, *as = hs + (T + 1) * S;  /* a chunk's h and exp(Δ A) */
+    for (int c = chunks - 1; c >= 0; c--) {
+      int t0 = c * T, n = L - t0 < T ? L - t0 : T;
+      for (int e = 0; e < E; e++) {
+        const float *a = A + ((long)r * E + e) * S;
+        float *g = gr + (long)e * S, *da = dA + ((long)r * E + e) * S;
+        memcpy(hs, starts + (((long)r * chunks + c) * E + e) * S, sizeof(float) * S);
         for (int k = 0; k < n; k++) {  /* the chunk's states again: hs[k + 1] = h_{t0 + k} */
           long i = AT(r, t0 + k, E) + e, j = AT(r, t0 + k, S);
           #pragma omp simd
@@ -85,8 +91,7 @@ void scan_backward(int R, int L, int E, int S, int T, int threads, const float *
           ddt[i] = qa + x[i] * G;
         }
       }
-      memcpy(dA + ((long)r * E + e) * S, da, sizeof da);
     }
-    free(hs);
+    free(gr);
   }
 }
