@@ -3,7 +3,7 @@ whose token mixer reads the reordered sequence (windowed attention, causal atten
 
 Paper: "REOrdering Patches Improves Vision Models" (Kutscher, Chan, Bai, Darrell, Gupta; arXiv
 2505.23751, NeurIPS 2025). This file imports only torch and the standard library and keeps no global
-state; copy it into your project as it is.
+state but the scan's compiled C loop (once a process); copy it into your project as it is.
 
 Conventions. An image of h x w patches has patch ids r * w + c (row-major, as x.flatten(2) gives).
 An ordering is a permutation `perm` of length N = h * w: perm[k] is the id of the patch placed at
@@ -437,8 +437,9 @@ class _SelectiveScan(torch.autograd.Function):
     """selective_scan's torch path on rows [R, L, .], in blocks of rows and channels (_blocks) that
     fit in cache, each walked chunk by chunk: forward keeping the state before each chunk;
     backward, chunk by chunk from the last, recomputing the chunk's states from that start. Σ_s
-    is a product with a vector of ones (on CPU faster than sum(-1) over 16 entries). Autograd
-    casts each gradient to its input's dtype."""
+    is a product with a vector of ones (on CPU faster than sum(-1) over 16 entries). With `lib`
+    (_c_scan's), reorder_scan.c walks the same chunks instead. Autograd casts each gradient to its
+    input's dtype."""
 
     @staticmethod
     def forward(ctx, x_in, dt_in, A_in, B_in, C_in, D, chunk, lib):
@@ -446,7 +447,7 @@ class _SelectiveScan(torch.autograd.Function):
         x, dt, xd, A, B, C = _prepare(x_in, dt_in, A_in, B_in, C_in)
         y, ones = torch.empty_like(x), x.new_ones(S)
         starts = x.new_empty((R, -(-L // chunk), E, S))
-        if lib:  # reorder_scan.c: one loop over all rows, channels and slots
+        if lib:  # one C loop over all rows, channels and slots
             lib.scan_forward(R, L, E, S, chunk, torch.get_num_threads(), *_pointers(
                 dt, xd, A, B, C, y, starts))
         for rs, es in [] if lib else _blocks(R, E, S, min(chunk, L)):
@@ -587,8 +588,8 @@ def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
                 raise ValueError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), "
                                  "triton and reorder_triton.py beside reorder.py")
         # C: on CPU tensors where it compiles; not where torch.compile traces (it cannot read it)
-        lib = None if backend == "torch" or torch.compiler.is_compiling() or x.is_cuda \
-            else _c_scan()
+        lib = None if backend == "torch" or torch.compiler.is_compiling() or \
+            x.device.type != "cpu" else _c_scan()
         if backend == "c" and lib is None:
             raise ValueError("backend 'c' needs CPU tensors, outside torch.compile, a C compiler "
                              "with OpenMP and reorder_scan.c beside reorder.py")
