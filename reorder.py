@@ -3,20 +3,15 @@ whose token mixer reads the reordered sequence (windowed attention, causal atten
 
 Paper: "REOrdering Patches Improves Vision Models" (Kutscher, Chan, Bai, Darrell, Gupta; arXiv
 2505.23751, NeurIPS 2025). This file imports only torch and the standard library and keeps no global
-state but the scan's compiled C loop (once a process); copy it into your project as it is.
+state; copy it into your project as it is.
 
 Conventions. An image of h x w patches has patch ids r * w + c (row-major, as x.flatten(2) gives).
 An ordering is a permutation `perm` of length N = h * w: perm[k] is the id of the patch placed at
 sequence slot k, so `tokens[:, perm]` reorders a [B, N, D] sequence and `argsort(perm)` gives each
 patch's slot. The layout follows the paper: orderings (§3), the policy (§5), the model.
 """
-import ctypes
-import functools
 import math
 import os
-import subprocess
-import tempfile
-import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -406,51 +401,23 @@ def _prepare(x, dt, A, B, C):
         B.float().contiguous(), C.float().contiguous()
 
 
-@functools.lru_cache(maxsize=None)
-def _c_scan():
-    """reorder_scan.c (beside this file; why: its header) compiled by the system's C compiler ($CC,
-    else cc) once a process, in a temporary folder removed once loaded; None where the file is
-    missing or compiling fails (then one warning). -ffast-math: glibc's vector exp."""
-    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reorder_scan.c")
-    if not os.path.exists(src):
-        return None
-    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as folder:
-        lib = os.path.join(folder, "scan.so")
-        cmd = [os.environ.get("CC", "cc"), "-O3", "-march=native", "-ffast-math", "-fopenmp",
-               "-shared", "-fPIC", src, "-o", lib, "-lm"]
-        try:
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
-            return ctypes.CDLL(lib)
-        except (OSError, subprocess.CalledProcessError) as err:
-            why = (getattr(err, "stderr", None) or str(err)).strip().splitlines()[0][:200]
-            warnings.warn(f"selective_scan: {cmd[0]} could not build reorder_scan.c ({why}); "
-                          f"running the torch path")
-            return None
-
-
-def _pointers(*tensors):  # reorder_scan.c's arguments: float32 and contiguous, or it reads garbage
-    assert all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-    return [ctypes.c_void_p(t.data_ptr()) for t in tensors]
-
-
 class _SelectiveScan(torch.autograd.Function):
     """selective_scan's torch path on rows [R, L, .], in blocks of rows and channels (_blocks) that
     fit in cache, each walked chunk by chunk: forward keeping the state before each chunk;
     backward, chunk by chunk from the last, recomputing the chunk's states from that start. Σ_s
-    is a product with a vector of ones (on CPU faster than sum(-1) over 16 entries). With `lib`
-    (_c_scan's), reorder_scan.c walks the same chunks instead. Autograd casts each gradient to its
+    is a product with a vector of ones (on CPU faster than sum(-1) over 16 entries). With `c`
+    (reorder_cpu, _c_loop's), one C loop walks the same chunks instead. Autograd casts each gradient to its
     input's dtype."""
 
     @staticmethod
-    def forward(ctx, x_in, dt_in, A_in, B_in, C_in, D, chunk, lib):
+    def forward(ctx, x_in, dt_in, A_in, B_in, C_in, D, chunk, c_loop):
         (n, E, S), (R, L) = A_in.shape, x_in.shape[:2]
         x, dt, xd, A, B, C = _prepare(x_in, dt_in, A_in, B_in, C_in)
         y, ones = torch.empty_like(x), x.new_ones(S)
         starts = x.new_empty((R, -(-L // chunk), E, S))
-        if lib:  # one C loop over all rows, channels and slots
-            lib.scan_forward(R, L, E, S, chunk, torch.get_num_threads(), *_pointers(
-                dt, xd, A, B, C, y, starts))
-        for rs, es in [] if lib else _blocks(R, E, S, min(chunk, L)):
+        if c_loop:  # one C loop over all rows, channels and slots
+            c_loop.scan_forward(dt, xd, A[:, 0], B, C, y, starts, chunk)
+        for rs, es in [] if c_loop else _blocks(R, E, S, min(chunk, L)):
             h = x.new_zeros(starts[rs, 0, es].shape)
             for c in range(starts.shape[1]):
                 ts = slice(c * chunk, (c + 1) * chunk)
@@ -460,7 +427,7 @@ class _SelectiveScan(torch.autograd.Function):
                 h = h[:, -1]
         y.view(n, -1, L, E).addcmul_(D.float()[:, None, None], x.view(n, -1, L, E))  # + D x_t
         ctx.save_for_backward(x_in, dt_in, A_in, B_in, C_in, D, starts)
-        ctx.chunk, ctx.lib = chunk, lib
+        ctx.chunk, ctx.c_loop = chunk, c_loop
         return y
 
     @staticmethod
@@ -471,10 +438,9 @@ class _SelectiveScan(torch.autograd.Function):
         gy, ones = grad_y.float().contiguous(), x.new_ones(S)  # (y.sum()'s gradient: a view)
         dx, ddt, dA = torch.empty_like(x), torch.empty_like(x), torch.zeros_like(A[:, 0])
         dB, dC = torch.zeros_like(B), torch.zeros_like(C)  # sums over channel blocks
-        if ctx.lib:
-            ctx.lib.scan_backward(R, L, E, S, T, torch.get_num_threads(), *_pointers(
-                x, dt, xd, A, B, C, gy, starts, dx, ddt, dA, dB, dC))
-        for rs, es in [] if ctx.lib else _blocks(R, E, S, min(T, L)):
+        if ctx.c_loop:
+            ctx.c_loop.scan_backward(x, dt, xd, A[:, 0], B, C, gy, starts, dx, ddt, dA, dB, dC, T)
+        for rs, es in [] if ctx.c_loop else _blocks(R, E, S, min(T, L)):
             g_next = 0  # a_{t+1} ⊙ g_{t+1} from the chunk after this one
             for c in reversed(range(starts.shape[1])):
                 ts = slice(c * T, (c + 1) * T)
@@ -546,6 +512,19 @@ def _triton_scan(x, dt, A, B, C, D):
     return reorder_triton.selective_scan(x, dt, A, B, C, D)
 
 
+def _c_loop(x):
+    """reorder_cpu, the scan as one compiled C loop, or None where it cannot run: tensors not on
+    the CPU, torch.compile tracing (it cannot read the loop), no C compiler, or reorder.py copied
+    alone."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    try:
+        import reorder_cpu
+    except ImportError:
+        return None
+    return reorder_cpu if reorder_cpu.lib() else None
+
+
 def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                    C: torch.Tensor, D: torch.Tensor, backend: str = "auto",
                    chunk: Optional[int] = None) -> torch.Tensor:
@@ -566,8 +545,8 @@ def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
         dA = Σ_rows,t Δ_t q_t        dB_t = Σ_e g_t Δ_t x_t
         dC_t = Σ_e gy_t h_t          dD = Σ_rows,t gy_t x_t
     backend: "torch"; "triton", the fused kernels of reorder_triton.py (beside this file); "c",
-    the same chunks in one C loop (reorder_scan.c, compiled at first use: 3-5x faster on CPU);
-    "auto", triton for CUDA tensors where it imports, c for the others where it compiles, else
+    the same chunks in one C loop (reorder_cpu.py, compiled at first use: 3-5x faster on CPU);
+    "auto", triton for CUDA tensors where it imports, c for CPU ones where it compiles, else
     torch. All refuse other shapes, dtypes or devices with the same one-line ValueError; with R,
     L, E or S = 0, y = D x (no state, no sum).
     """
@@ -587,14 +566,12 @@ def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
             if backend == "triton":
                 raise ValueError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), "
                                  "triton and reorder_triton.py beside reorder.py")
-        # C: on CPU tensors where it compiles; not where torch.compile traces (it cannot read it)
-        lib = None if backend == "torch" or torch.compiler.is_compiling() or \
-            x.device.type != "cpu" else _c_scan()
-        if backend == "c" and lib is None:
+        c_loop = None if backend == "torch" else _c_loop(x)
+        if backend == "c" and c_loop is None:
             raise ValueError("backend 'c' needs CPU tensors, outside torch.compile, a C compiler "
-                             "with OpenMP and reorder_scan.c beside reorder.py")
-        return _SelectiveScan.apply(x, dt, A, B, C, D,
-                                    chunk or max(16, SCAN_BLOCK // x.shape[0] // A[0].numel()), lib)
+                             "with OpenMP and reorder_cpu.py beside reorder.py")
+        return _SelectiveScan.apply(x, dt, A, B, C, D, chunk or max(
+            16, SCAN_BLOCK // x.shape[0] // A[0].numel()), c_loop)
 
 
 class Mamba(nn.Module):

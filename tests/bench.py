@@ -188,7 +188,7 @@ def mambapy_scan(x, dt, A, B, C, D):
 def bench_recurrence(args, device):
     from test_scan import scan_inputs, scan_reference  # the slot-by-slot loop of the tests
     fns = {"torch": lambda *t: reorder.selective_scan(*t, backend="torch"), "loop": scan_reference}
-    if device.type == "cpu" and reorder._c_scan():
+    if device.type == "cpu" and reorder._c_loop(torch.zeros(1)):
         fns["c"] = lambda *t: reorder.selective_scan(*t, backend="c")
     if importlib.util.find_spec("mambapy"):
         fns["pscan"] = mambapy_scan
@@ -292,7 +292,7 @@ def bench_mamba(args, device):
     with a free scan (free_scan); the bytes autograd saves for backward at ViT-Base."""
     from test_scan import scan_inputs
     threads = torch.get_num_threads()
-    backends = ["torch"] + ["c"] * (device.type == "cpu" and reorder._c_scan() is not None)
+    backends = ["torch"] + ["c"] * (device.type == "cpu" and reorder._c_loop(torch.zeros(1)) is not None)
     print(f"\n## the scan against its floor: forward + backward of reorder.selective_scan's "
           f"{' and '.join(backends)} paths, 4 cores, S = 16, median of >= 3 alternating runs, one "
           f"thread, CPU time")

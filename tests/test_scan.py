@@ -68,10 +68,10 @@ CASES = [(2, 1, 3, 4, None, 16), (3, 17, 7, 16, None, 16), (8, 40, 6, 3, 4, 16),
 
 
 def cpu_backend(name):
-    """name, the backends of CPU tensors ("torch" and "c"); skips where reorder_scan.c does not
-    compile here (no C compiler with OpenMP)."""
-    if name == "c" and reorder._c_scan() is None:
-        pytest.skip("reorder_scan.c does not compile here")
+    """name, the backends of CPU tensors ("torch" and "c"); skips where reorder_cpu's C loop does
+    not compile here (no C compiler with OpenMP)."""
+    if name == "c" and reorder._c_loop(torch.zeros(1)) is None:
+        pytest.skip("reorder_cpu's C loop does not compile here")
     return name
 
 
@@ -100,14 +100,15 @@ def test_auto_runs_the_c_loop_on_cpu_and_the_torch_path_where_it_cannot_build(mo
     # the C loop where it builds; where the compiler fails, one warning, then the torch path
     cpu_backend("c")
     inputs, used = scan_inputs(4, 21, 5, 16, 2), []  # the C loop's tensors pass _pointers
-    monkeypatch.setattr(reorder, "_pointers", lambda *t, f=reorder._pointers: used.append(1) or
-                        f(*t))
+    import reorder_cpu
+    monkeypatch.setattr(reorder_cpu, "_pointers", lambda *t, f=reorder_cpu._pointers:
+                        used.append(1) or f(*t))
     assert_scan_equals_reference(reorder.selective_scan, inputs)
     assert len(used) == 2  # forward and backward
     monkeypatch.setenv("CC", "false")  # a compiler that fails
-    reorder._c_scan.cache_clear()
+    reorder_cpu.lib.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="false could not build reorder_scan.c .*torch path"):
+        with pytest.warns(UserWarning, match="false could not build the C scan .*torch path"):
             assert_scan_equals_reference(reorder.selective_scan, inputs)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # once a process: no second warning
@@ -116,7 +117,7 @@ def test_auto_runs_the_c_loop_on_cpu_and_the_torch_path_where_it_cannot_build(mo
                 reorder.selective_scan(*inputs, backend="c")
         assert len(used) == 2
     finally:
-        reorder._c_scan.cache_clear()
+        reorder_cpu.lib.cache_clear()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -1,16 +1,31 @@
-/* The selective scan of reorder.selective_scan as one C loop per pass, for CPU tensors. Optional:
-   reorder.py compiles this file with the system's C compiler at first use (one process, a private
-   temporary folder) and runs its torch path where that fails or the file is missing.
+"""reorder.selective_scan on CPU tensors as one C loop per pass (optional, beside reorder.py).
 
-   The math is selective_scan's (its docstring has the recurrence and the gradients). Each (row r,
-   channel e) keeps its state h [S] in registers while it walks the L slots, instead of torch's few
-   ops per slot on [rows, channels, S] slices: the per-op overhead that bound the torch path. As
-   there, the forward pass stores the state before every chunk of T slots (starts [R, L / T, E, S]),
-   and the backward pass walks the chunks last to first, recomputes a chunk's states from its start
-   into a scratch of T + 1 states, then runs g_t = C_t gy_t + a_{t+1} g_{t+1} backwards through it.
-   Float32, contiguous: x, dt (= Δ, after its softplus), xd (= Δ x), gy [R, L, E]; A [R, E, S] (each
-   row its core's); B, C [R, L, S]. Rows are split between `threads` threads. */
-#include <math.h>
+The math is selective_scan's (its docstring has the recurrence and the gradients). Each (row r,
+channel e) keeps its state h [S] in registers while it walks the L slots, instead of the torch
+path's few ops per slot on [rows, channels, S] slices, each about as short as torch's per-op
+overhead (docs/results.md, issue 33). As there, the forward pass stores the state before every
+chunk of T slots (starts [R, L / T, E, S]), and the backward pass walks the chunks last to first,
+recomputes a chunk's states from its start into a scratch of T + 1 states, then runs
+g_t = C_t gy_t + a_{t+1} g_{t+1} backwards through it. Rows are split between torch's threads.
+
+The source below is compiled by the system's C compiler ($CC, else cc) at the first call of a
+process, in a private temporary folder removed once loaded, and called through ctypes: nothing
+to install, nothing left on disk. Where compiling fails, lib() warns once and gives None, and
+reorder.py runs its torch path. -ffast-math lets gcc call glibc's vector exp; NaN and inf are
+still carried as the torch path carries them (tests/test_scan.py).
+"""
+import ctypes
+import functools
+import os
+import subprocess
+import tempfile
+import warnings
+
+import torch
+
+# Float32, contiguous: x, dt (= Δ, after its softplus), xd (= Δ x), gy [R, L, E]; A [R, E, S] (each
+# row its core's); B, C [R, L, S].
+SOURCE = r"""#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #if defined(__x86_64__)
@@ -95,3 +110,43 @@ void scan_backward(int R, int L, int E, int S, int T, int threads, const float *
     free(gr);
   }
 }
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def lib():
+    """SOURCE compiled and loaded (once a process), or None after one warning where it fails."""
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as folder:
+        src, so = os.path.join(folder, "scan.c"), os.path.join(folder, "scan.so")
+        with open(src, "w") as f:
+            f.write(SOURCE)
+        cmd = [os.environ.get("CC", "cc"), "-O3", "-march=native", "-ffast-math", "-fopenmp",
+               "-shared", "-fPIC", src, "-o", so, "-lm"]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+            return ctypes.CDLL(so)
+        except (OSError, subprocess.CalledProcessError) as err:
+            why = (getattr(err, "stderr", None) or str(err)).strip().splitlines()[0][:200]
+            warnings.warn(f"selective_scan: {cmd[0]} could not build the C scan ({why}); "
+                          f"running the torch path")
+            return None
+
+
+def _pointers(*tensors):  # the C loop's arguments: float32 and contiguous, or it reads garbage
+    if not all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
+        raise ValueError("reorder_cpu: float32 contiguous tensors only")
+    return [ctypes.c_void_p(t.data_ptr()) for t in tensors]
+
+
+def scan_forward(dt, xd, A, B, C, y, starts, T):
+    """y = C · h [R, L, E] (without D x) and starts, the state before each chunk of T slots."""
+    (R, L, E), S = dt.shape, B.shape[-1]
+    lib().scan_forward(R, L, E, S, T, torch.get_num_threads(),
+                       *_pointers(dt, xd, A, B, C, y, starts))
+
+
+def scan_backward(x, dt, xd, A, B, C, gy, starts, dx, ddt, dA, dB, dC, T):
+    """dx, ddt (dΔ) [R, L, E], dA [R, E, S], dB, dC [R, L, S] from gy; dA, dB, dC zeros on entry."""
+    (R, L, E), S = dt.shape, B.shape[-1]
+    lib().scan_backward(R, L, E, S, T, torch.get_num_threads(),
+                        *_pointers(x, dt, xd, A, B, C, gy, starts, dx, ddt, dA, dB, dC))
