@@ -394,27 +394,30 @@ def _scan_chunk(h0, xd, dt, A, B):
 
 
 def _prepare(x, dt, A, B, C):
-    """The blocks' inputs in float32: x, Δ = softplus(dt), Δ x [R, L, E]; B, C [R, L, S]; A per
-    row (its core's) [R, 1, E, S]."""
-    x, dt = x.float(), F.softplus(dt.float())
-    return x, dt, dt * x, A.float().repeat_interleave(len(x) // len(A), 0)[:, None], B.float(), \
-        C.float()
+    """The blocks' inputs in float32, contiguous: x, Δ = softplus(dt), Δ x [R, L, E]; B, C [R, L,
+    S]; A per row (its core's) [R, 1, E, S]."""
+    x, dt = x.float().contiguous(), F.softplus(dt.float().contiguous())
+    return x, dt, dt * x, A.float().repeat_interleave(len(x) // len(A), 0)[:, None], \
+        B.float().contiguous(), C.float().contiguous()
 
 
 class _SelectiveScan(torch.autograd.Function):
     """selective_scan's torch path on rows [R, L, .], in blocks of rows and channels (_blocks) that
     fit in cache, each walked chunk by chunk: forward keeping the state before each chunk;
     backward, chunk by chunk from the last, recomputing the chunk's states from that start. Σ_s
-    is a product with a vector of ones (on CPU faster than sum(-1) over 16 entries). Autograd
-    casts each gradient to its input's dtype."""
+    is a product with a vector of ones (on CPU faster than sum(-1) over 16 entries). With `c`
+    (reorder_cpu, _c_loop's), one C loop walks the same chunks instead. Autograd casts each gradient to its
+    input's dtype."""
 
     @staticmethod
-    def forward(ctx, x_in, dt_in, A_in, B_in, C_in, D, chunk):
+    def forward(ctx, x_in, dt_in, A_in, B_in, C_in, D, chunk, c_loop):
         (n, E, S), (R, L) = A_in.shape, x_in.shape[:2]
         x, dt, xd, A, B, C = _prepare(x_in, dt_in, A_in, B_in, C_in)
         y, ones = torch.empty_like(x), x.new_ones(S)
         starts = x.new_empty((R, -(-L // chunk), E, S))
-        for rs, es in _blocks(R, E, S, min(chunk, L)):
+        if c_loop:  # one C loop over all rows, channels and slots
+            c_loop.scan_forward(dt, xd, A[:, 0], B, C, y, starts, chunk)
+        for rs, es in [] if c_loop else _blocks(R, E, S, min(chunk, L)):
             h = x.new_zeros(starts[rs, 0, es].shape)
             for c in range(starts.shape[1]):
                 ts = slice(c * chunk, (c + 1) * chunk)
@@ -424,7 +427,7 @@ class _SelectiveScan(torch.autograd.Function):
                 h = h[:, -1]
         y.view(n, -1, L, E).addcmul_(D.float()[:, None, None], x.view(n, -1, L, E))  # + D x_t
         ctx.save_for_backward(x_in, dt_in, A_in, B_in, C_in, D, starts)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.c_loop = chunk, c_loop
         return y
 
     @staticmethod
@@ -435,7 +438,9 @@ class _SelectiveScan(torch.autograd.Function):
         gy, ones = grad_y.float().contiguous(), x.new_ones(S)  # (y.sum()'s gradient: a view)
         dx, ddt, dA = torch.empty_like(x), torch.empty_like(x), torch.zeros_like(A[:, 0])
         dB, dC = torch.zeros_like(B), torch.zeros_like(C)  # sums over channel blocks
-        for rs, es in _blocks(R, E, S, min(T, L)):
+        if ctx.c_loop:
+            ctx.c_loop.scan_backward(x, dt, xd, A[:, 0], B, C, gy, starts, dx, ddt, dA, dB, dC, T)
+        for rs, es in [] if ctx.c_loop else _blocks(R, E, S, min(T, L)):
             g_next = 0  # a_{t+1} ⊙ g_{t+1} from the chunk after this one
             for c in reversed(range(starts.shape[1])):
                 ts = slice(c * T, (c + 1) * T)
@@ -462,7 +467,7 @@ class _SelectiveScan(torch.autograd.Function):
         Dc, x, gy = D.float()[:, None, None], x.view(n, -1, L, E), gy.view(n, -1, L, E)
         dx.view(n, -1, L, E).addcmul_(Dc, gy)
         ddt *= torch.sigmoid(dt_in.float())  # dΔ/ddt
-        return (dx, ddt, dA.view(n, -1, E, S).sum(1), dB, dC, (gy * x).sum((1, 2)), None)
+        return (dx, ddt, dA.view(n, -1, E, S).sum(1), dB, dC, (gy * x).sum((1, 2)), None, None)
 
 
 def _check_scan(x, dt, A, B, C, D):
@@ -507,6 +512,19 @@ def _triton_scan(x, dt, A, B, C, D):
     return reorder_triton.selective_scan(x, dt, A, B, C, D)
 
 
+def _c_loop(x):
+    """reorder_cpu, the scan as one compiled C loop, or None where it cannot run: tensors not on
+    the CPU, torch.compile tracing (it cannot read the loop), no C compiler, or reorder.py copied
+    alone."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    try:
+        import reorder_cpu
+    except ImportError:
+        return None
+    return reorder_cpu if reorder_cpu.lib() else None
+
+
 def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                    C: torch.Tensor, D: torch.Tensor, backend: str = "auto",
                    chunk: Optional[int] = None) -> torch.Tensor:
@@ -526,12 +544,14 @@ def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
         dx_t = Δ_t G_t + D gy_t      dΔ_t = Σ_s q_t A + x_t G_t, ddt_t = dΔ_t sigmoid(dt_t)
         dA = Σ_rows,t Δ_t q_t        dB_t = Σ_e g_t Δ_t x_t
         dC_t = Σ_e gy_t h_t          dD = Σ_rows,t gy_t x_t
-    backend: "torch"; "triton", the fused kernels of reorder_triton.py (beside this file); "auto",
-    triton for CUDA tensors where it imports, else torch. Both refuse other shapes, dtypes or
-    devices with the same one-line ValueError; with R, L, E or S = 0, y = D x (no state, no sum).
+    backend: "torch"; "triton", the fused kernels of reorder_triton.py (beside this file); "c",
+    the same chunks in one C loop (reorder_cpu.py, compiled at first use: 3-5x faster on CPU);
+    "auto", triton for CUDA tensors where it imports, c for CPU ones where it compiles, else
+    torch. All refuse other shapes, dtypes or devices with the same one-line ValueError; with R,
+    L, E or S = 0, y = D x (no state, no sum).
     """
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"unknown backend {backend!r}: choose auto, torch or triton")
+    if backend not in ("auto", "torch", "triton", "c"):
+        raise ValueError(f"unknown backend {backend!r}: choose auto, torch, triton or c")
     _check_scan(x, dt, A, B, C, D)
     if A.dim() == 2:  # one core
         A, D = A[None], D[None]
@@ -546,8 +566,12 @@ def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
             if backend == "triton":
                 raise ValueError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), "
                                  "triton and reorder_triton.py beside reorder.py")
-        return _SelectiveScan.apply(x, dt, A, B, C, D,
-                                    chunk or max(16, SCAN_BLOCK // x.shape[0] // A[0].numel()))
+        c_loop = None if backend == "torch" else _c_loop(x)
+        if backend == "c" and c_loop is None:
+            raise ValueError("backend 'c' needs CPU tensors, outside torch.compile, a C compiler "
+                             "with OpenMP and reorder_cpu.py beside reorder.py")
+        return _SelectiveScan.apply(x, dt, A, B, C, D, chunk or max(
+            16, SCAN_BLOCK // x.shape[0] // A[0].numel()), c_loop)
 
 
 class Mamba(nn.Module):

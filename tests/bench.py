@@ -9,16 +9,17 @@ attention   windowed vs dense masked attention, forward + backward, N = 197 (±7
             process per case)
 scan        the Mamba layers (width 192, d_state 16, batch 1), forward + backward: mamba and
             bimamba at N = 196, 1024, 4096; mamba at 16384; time, peak memory, growth with N
-mamba       the scan, forward + backward, against its floor (its flops per state entry at this
-            thread's rate of torch's elementwise work in cache); a training step, mamba and
-            bimamba against window, at 196 tokens (28 px, patch 2, width 64, depth 4, batch 64)
-            and the Results' 49-token plateau size (patch 4, width 16, depth 2, batch 32), one
-            thread and two, and bimamba with its scan replaced by y = dt x; bytes saved for
-            backward at the paper's size, mamba and bimamba against window ±7
-recurrence  reorder.selective_scan's torch path against the recurrence slot by slot under
-            autograd (the tests' reference), mambapy's pscan (if installed) and, on CUDA, its
-            Triton kernels; forward + backward, E = 192 (--dim), S = 16, (B, L) from (1, 197)
-            to (64, 197), (1, 4096)
+mamba       the scan (torch path, and the C loop where it builds), forward + backward, against
+            its floor (its flops per state entry at this thread's rate of torch's elementwise
+            work in cache); a training step, mamba and bimamba against window, at 196 tokens
+            (28 px, patch 2, width 64, depth 4, batch 64) and the Results' 49-token plateau size
+            (patch 4, width 16, depth 2, batch 32), one thread and two, and bimamba with its
+            scan replaced by y = dt x; bytes saved for backward at the paper's size, mamba and
+            bimamba against window ±7
+recurrence  reorder.selective_scan's torch path against its C loop (on CPU), the recurrence
+            slot by slot under autograd (the tests' reference), mambapy's pscan (if installed)
+            and, on CUDA, its Triton kernels; forward + backward, E = 192 (--dim), S = 16, (B, L)
+            from (1, 197) to (64, 197), (1, 4096)
 faults      time per 4x tokens without and with data.keep_freed_memory() (each in a fresh
             process, as mallopt cannot be undone): windowed attention 4096 -> 16384, the mamba
             layer 1024 -> 4096 -> 16384
@@ -187,13 +188,15 @@ def mambapy_scan(x, dt, A, B, C, D):
 def bench_recurrence(args, device):
     from test_scan import scan_inputs, scan_reference  # the slot-by-slot loop of the tests
     fns = {"torch": lambda *t: reorder.selective_scan(*t, backend="torch"), "loop": scan_reference}
+    if device.type == "cpu" and reorder._c_loop(torch.zeros(1)):
+        fns["c"] = lambda *t: reorder.selective_scan(*t, backend="c")
     if importlib.util.find_spec("mambapy"):
         fns["pscan"] = mambapy_scan
     if device.type == "cuda":
         fns["triton"] = lambda *t: reorder.selective_scan(*t, backend="triton")
     print(f"\n## the selective scan: x, dt [B, L, {args.dim}], S = 16, one core, forward + "
-          f"backward, median of >= 3 alternating runs; torch and triton paths of "
-          f"reorder.selective_scan, the recurrence slot by slot under autograd (B L <= 8192) "
+          f"backward, median of >= 3 alternating runs; torch, c (CPU) and triton (CUDA) paths "
+          f"of reorder.selective_scan, the recurrence slot by slot under autograd (B L <= 8192) "
           f"and mambapy's pscan (if installed)")
     print(f"{'B':>3} {'L':>5} | " + " ".join(f"{k + ' ms':>9}" for k in fns) + " | "
           + " ".join(f"{k + '/torch':>12}" for k in fns if k != "torch"))
@@ -289,8 +292,10 @@ def bench_mamba(args, device):
     with a free scan (free_scan); the bytes autograd saves for backward at ViT-Base."""
     from test_scan import scan_inputs
     threads = torch.get_num_threads()
+    backends = ["torch"] + ["c"] * (device.type == "cpu" and reorder._c_loop(torch.zeros(1)) is not None)
     print(f"\n## the scan against its floor: forward + backward of reorder.selective_scan's "
-          f"torch path, 4 cores, S = 16, median of >= 3 runs, one thread, CPU time")
+          f"{' and '.join(backends)} paths, 4 cores, S = 16, median of >= 3 alternating runs, one "
+          f"thread, CPU time")
     torch.set_num_threads(1)
     flop_rate, exp_rate = elementwise_rates()
     print(f"floor = R L E S x ({SCAN_FLOPS} flops / {flop_rate / 1e9:.1f} GFLOP/s + {SCAN_EXPS} "
@@ -298,12 +303,12 @@ def bench_mamba(args, device):
           f"vectors in cache, this thread")
     for R, L, E in args.floor_sizes:
         inputs = scan_inputs(R, L, E, 16, 4)
-        sec = median_times({"scan": lambda: torch.autograd.grad(
-            reorder.selective_scan(*inputs, backend="torch").sum(), inputs)}, device, 3,
-            clock=time.process_time)["scan"]
+        sec = median_times({b: lambda b=b: torch.autograd.grad(
+            reorder.selective_scan(*inputs, backend=b).sum(), inputs) for b in backends}, device,
+            3, clock=time.process_time)
         floor = R * L * E * 16 * (SCAN_FLOPS / flop_rate + SCAN_EXPS / exp_rate)
-        print(f"R {R:>4} L {L:>4} E {E:>3}: {sec * 1e3:>8.1f} ms, floor {floor * 1e3:>7.1f} ms: "
-              f"{sec / floor:.1f}x the floor")
+        print(f"R {R:>4} L {L:>4} E {E:>3}: floor {floor * 1e3:>7.1f} ms; " + "; ".join(
+            f"{b} {sec[b] * 1e3:>7.1f} ms, {sec[b] / floor:.1f}x the floor" for b in backends))
     for n_threads in (1, 2):
         torch.set_num_threads(n_threads)
         print(f"\n## a training step (train.model_step + AdamW), float32, {n_threads} "

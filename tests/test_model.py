@@ -276,7 +276,8 @@ def test_mamba_init_reaches_every_later_slot(mixer):
 
 
 def test_reorder_imports_only_torch_and_the_standard_library():
-    # and its optional fast path, reorder_triton, inside a try that catches the ImportError
+    # and its optional fast paths, reorder_triton and reorder_cpu, inside a try that catches the
+    # ImportError
     tree = ast.parse(open(os.path.join(ROOT, "reorder.py")).read())
 
     def imported(nodes):
@@ -292,7 +293,7 @@ def test_reorder_imports_only_torch_and_the_standard_library():
         if isinstance(node, ast.Try) and any(
                 isinstance(h.type, ast.Name) and h.type.id == "ImportError" for h in node.handlers):
             optional |= imported(n for stmt in node.body for n in ast.walk(stmt))
-    assert optional == {"reorder_triton"}
+    assert optional == {"reorder_triton", "reorder_cpu"}
     assert imported(ast.walk(tree)) - set(sys.stdlib_module_names) - optional == {"torch"}
 
 

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -66,36 +67,79 @@ CASES = [(2, 1, 3, 4, None, 16), (3, 17, 7, 16, None, 16), (8, 40, 6, 3, 4, 16),
          (4, 23, 5, 16, 2, 4), (2, 32, 4, 4, 1, 16), (4, 9, 3, 2, 4, 1)]
 
 
+def cpu_backend(name):
+    """name, the backends of CPU tensors ("torch" and "c"); skips where reorder_cpu's C loop does
+    not compile here (no C compiler with OpenMP)."""
+    if name == "c" and reorder._c_loop(torch.zeros(1)) is None:
+        pytest.skip("reorder_cpu's C loop does not compile here")
+    return name
+
+
+CPU_BACKENDS = ["torch", "c"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("R,L,E,S,cores,chunk", CASES)
-def test_torch_scan_equals_the_recurrence_slot_by_slot(R, L, E, S, cores, chunk):
+def test_torch_scan_equals_the_recurrence_slot_by_slot(backend, R, L, E, S, cores, chunk):
+    backend = cpu_backend(backend)
     assert_scan_equals_reference(
-        lambda *t: reorder.selective_scan(*t, backend="torch", chunk=chunk),
+        lambda *t: reorder.selective_scan(*t, backend=backend, chunk=chunk),
         scan_inputs(R, L, E, S, cores, seed=L))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("cores", [None, 4])
-def test_torch_scan_takes_bfloat16_inputs(cores):
+def test_torch_scan_takes_bfloat16_inputs(backend, cores):
     # the reference gets the same bfloat16 inputs, upcast: only the gradients' rounding differs
-    assert_scan_equals_reference(lambda *t: reorder.selective_scan(*t, backend="torch"),
+    backend = cpu_backend(backend)
+    assert_scan_equals_reference(lambda *t: reorder.selective_scan(*t, backend=backend),
                                  scan_inputs(4, 21, 5, 16, cores, torch.bfloat16))
 
 
-def test_scan_is_finite_and_exact_at_16384_slots():
+def test_auto_runs_the_c_loop_on_cpu_and_the_torch_path_where_it_cannot_build(monkeypatch):
+    # the C loop where it builds; where the compiler fails, one warning, then the torch path
+    cpu_backend("c")
+    inputs, used = scan_inputs(4, 21, 5, 16, 2), []  # the C loop's tensors pass _pointers
+    import reorder_cpu
+    monkeypatch.setattr(reorder_cpu, "_pointers", lambda *t, f=reorder_cpu._pointers:
+                        used.append(1) or f(*t))
+    assert_scan_equals_reference(reorder.selective_scan, inputs)
+    assert len(used) == 2  # forward and backward
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    reorder_cpu.lib.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="false could not build the C scan .*torch path"):
+            assert_scan_equals_reference(reorder.selective_scan, inputs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once a process: no second warning
+            reorder.selective_scan(*inputs)
+            with pytest.raises(ValueError, match="backend 'c' needs CPU tensors"):
+                reorder.selective_scan(*inputs, backend="c")
+        assert len(used) == 2
+    finally:
+        reorder_cpu.lib.cache_clear()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_scan_is_finite_and_exact_at_16384_slots(backend):
     # Δ from 2e-9 (remember for ever) to 20 (forget at once, a = e^-20 and less)
+    backend = cpu_backend(backend)
     g = torch.Generator().manual_seed(0)
     n = 16384
     x, dt = torch.randn(1, n, 3, generator=g), torch.rand(1, n, 3, generator=g) * 40 - 20
     B, C = torch.randn(1, n, 2, generator=g), torch.randn(1, n, 2, generator=g)
     A, D = -torch.tensor([[1.0, 0.5], [1.0, 1e-3], [2.0, 1.0]]), torch.ones(3)
     with torch.no_grad():
-        got = reorder.selective_scan(x, dt, A, B, C, D, backend="torch")
+        got = reorder.selective_scan(x, dt, A, B, C, D, backend=backend)
         want = scan_reference(x, dt, A, B, C, D)
     assert torch.isfinite(got).all()
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
-def test_scan_keeps_its_inputs_and_one_state_per_chunk_for_backward():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_scan_keeps_its_inputs_and_one_state_per_chunk_for_backward(backend):
     # O(R L E) memory: besides its inputs, only the state before each chunk, [R, L / T, E, S]
+    backend = cpu_backend(backend)
     x, dt, A, B, C, D = scan_inputs(2, 40, 8, 16, None)
     inputs = {t.untyped_storage().data_ptr() for t in (x, dt, A, B, C, D)}
     saved = {}
@@ -105,7 +149,7 @@ def test_scan_keeps_its_inputs_and_one_state_per_chunk_for_backward():
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        reorder.selective_scan(x, dt, A, B, C, D, backend="torch", chunk=16)
+        reorder.selective_scan(x, dt, A, B, C, D, backend=backend, chunk=16)
     assert sum(saved.values()) == 2 * 3 * 8 * 16 * 4  # 3 chunks of 16 slots, float32
 
 
@@ -163,7 +207,7 @@ def test_default_chunk_keeps_its_memory_budget_and_the_recurrence(monkeypatch):
 def test_bad_backend_is_a_one_line_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     inputs = scan_inputs(1, 3, 2, 2, None)
-    with pytest.raises(ValueError, match="unknown backend 'cuda': choose auto, torch or triton"):
+    with pytest.raises(ValueError, match="unknown backend 'cuda': choose auto, torch, triton or c"):
         reorder.selective_scan(*inputs, backend="cuda")
     with pytest.raises(ValueError, match="backend 'triton' needs CUDA tensors"):
         reorder.selective_scan(*inputs, backend="triton")  # CPU tensors, no interpreter
@@ -205,7 +249,7 @@ REFUSED = [
 def test_triton_scan_refuses_what_the_torch_path_refuses(inputs, line):
     # the check runs before either backend: on CPU tensors without the interpreter "triton"
     # would otherwise say it needs CUDA, and under it the kernels would read out of bounds
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton", "c"):
         with pytest.raises(ValueError) as refused:
             reorder.selective_scan(*inputs, backend=backend)
         assert str(refused.value) == "selective_scan: " + line, backend
@@ -222,7 +266,7 @@ def test_triton_scan_handles_empty_sizes_as_the_torch_path(R, L, E, S, cores):
     grad_y = torch.randn(want.shape)
     want_grads = torch.autograd.grad(want, inputs, grad_y, allow_unused=True,
                                      materialize_grads=True)
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton", "c"):
         y = reorder.selective_scan(*inputs, backend=backend)
         assert y.dtype == torch.float32 and torch.equal(y, want), backend
         for got, expected in zip(torch.autograd.grad(y, inputs, grad_y), want_grads):
@@ -291,11 +335,22 @@ def assert_same_values(got, want):
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NumPy's, in the interpreter
 @pytest.mark.parametrize("name", ["x", "dt", "A", "B", "C", "D", "grad_y"])
 def test_triton_scan_carries_nan_and_inf_as_the_torch_path(monkeypatch, name):
-    # row k (core k) holds the k-th value at slot 1, so each row's and core's outputs and
-    # gradients show one value's effect; E = 3 and S = 3 leave padding lanes in the kernels
+    # E = 3 and S = 3 leave padding lanes in the kernels
     kernels = pytest.importorskip("reorder_triton")
     monkeypatch.setattr(kernels, "CHUNK", 2)
     monkeypatch.setattr(kernels, "BLOCK_E", 4)
+    assert_carries_nan_and_inf_as_the_torch_path("triton", name)
+
+
+@pytest.mark.parametrize("name", ["x", "dt", "A", "B", "C", "D", "grad_y"])
+def test_c_scan_carries_nan_and_inf_as_the_torch_path(name):
+    # compiled with -ffast-math (for glibc's vector exp): NaN and inf still carried
+    assert_carries_nan_and_inf_as_the_torch_path(cpu_backend("c"), name, chunk=2)
+
+
+def assert_carries_nan_and_inf_as_the_torch_path(backend, name, chunk=None):
+    """Row k (core k) holds the k-th value at slot 1 of input `name`, so each row's and core's
+    outputs and gradients show one value's effect."""
     values = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30]
     inputs = scan_inputs(len(values), 3, 3, 3, len(values))
     grad_y = torch.randn(len(values), 3, 3)
@@ -303,7 +358,7 @@ def test_triton_scan_carries_nan_and_inf_as_the_torch_path(monkeypatch, name):
     with torch.no_grad():
         for k, value in enumerate(values):  # x, dt, grad_y [k, 1, 1]; A [k, 1, 1]; D [k, 1]
             target[k].view(-1)[target[k].shape[-1] + 1 if target.dim() == 3 else 1] = value
-    y, want = (reorder.selective_scan(*inputs, backend=b) for b in ("triton", "torch"))
+    y, want = (reorder.selective_scan(*inputs, backend=b, chunk=chunk) for b in (backend, "torch"))
     assert y.isnan().any() or name == "grad_y"  # the values are in place
     for got, expected in zip((y, *torch.autograd.grad(y, inputs, grad_y)),
                              (want, *torch.autograd.grad(want, inputs, grad_y))):
