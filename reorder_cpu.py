@@ -115,21 +115,21 @@ void scan_backward(int R, int L, int E, int S, int T, int threads, const float *
 
 @functools.lru_cache(maxsize=None)
 def lib():
-    """SOURCE compiled and loaded (once a process), or None after one warning where it fails."""
-    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as folder:
-        src, so = os.path.join(folder, "scan.c"), os.path.join(folder, "scan.so")
-        with open(src, "w") as f:
-            f.write(SOURCE)
-        cmd = [os.environ.get("CC", "cc"), "-O3", "-march=native", "-ffast-math", "-fopenmp",
-               "-shared", "-fPIC", src, "-o", so, "-lm"]
-        try:
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
+    """SOURCE compiled and loaded (once a process), or None after one warning where it fails: no
+    compiler, no OpenMP, no writable temporary folder."""
+    cc = os.environ.get("CC", "cc")
+    try:
+        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as folder:
+            so = os.path.join(folder, "scan.so")
+            subprocess.run([cc, "-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared",
+                            "-fPIC", "-x", "c", "-", "-o", so, "-lm"], input=SOURCE, check=True,
+                           capture_output=True, text=True, timeout=300)
             return ctypes.CDLL(so)
-        except (OSError, subprocess.CalledProcessError) as err:
-            why = (getattr(err, "stderr", None) or str(err)).strip().splitlines()[0][:200]
-            warnings.warn(f"selective_scan: {cmd[0]} could not build the C scan ({why}); "
-                          f"running the torch path")
-            return None
+    except (OSError, subprocess.SubprocessError) as err:
+        why = (getattr(err, "stderr", None) or str(err)).strip().splitlines()[0][:200]
+        warnings.warn(f"selective_scan: {cc} could not build the C scan ({why}); running the "
+                      f"torch path")
+        return None
 
 
 def _pointers(*tensors):  # the C loop's arguments: float32 and contiguous, or it reads garbage

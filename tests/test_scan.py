@@ -96,8 +96,10 @@ def test_torch_scan_takes_bfloat16_inputs(backend, cores):
                                  scan_inputs(4, 21, 5, 16, cores, torch.bfloat16))
 
 
-def test_auto_runs_the_c_loop_on_cpu_and_the_torch_path_where_it_cannot_build(monkeypatch):
-    # the C loop where it builds; where the compiler fails, one warning, then the torch path
+@pytest.mark.parametrize("fails", ["compiler", "folder"])
+def test_auto_runs_the_c_loop_on_cpu_and_the_torch_path_where_it_cannot_build(monkeypatch, fails):
+    # the C loop where it builds; where the compiler or the temporary folder fails, one warning,
+    # then the torch path
     cpu_backend("c")
     inputs, used = scan_inputs(4, 21, 5, 16, 2), []  # the C loop's tensors pass _pointers
     import reorder_cpu
@@ -105,10 +107,13 @@ def test_auto_runs_the_c_loop_on_cpu_and_the_torch_path_where_it_cannot_build(mo
                         used.append(1) or f(*t))
     assert_scan_equals_reference(reorder.selective_scan, inputs)
     assert len(used) == 2  # forward and backward
-    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    if fails == "compiler":
+        monkeypatch.setenv("CC", "false")
+    else:  # as where no temporary folder is writable
+        monkeypatch.setattr(reorder_cpu.tempfile, "TemporaryDirectory", lambda **_: open("/"))
     reorder_cpu.lib.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="false could not build the C scan .*torch path"):
+        with pytest.warns(UserWarning, match="could not build the C scan .*torch path"):
             assert_scan_equals_reference(reorder.selective_scan, inputs)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # once a process: no second warning
