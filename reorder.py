@@ -405,9 +405,9 @@ class _SelectiveScan(torch.autograd.Function):
     """selective_scan's torch path on rows [R, L, .], in blocks of rows and channels (_blocks) that
     fit in cache, each walked chunk by chunk: forward keeping the state before each chunk;
     backward, chunk by chunk from the last, recomputing the chunk's states from that start. Σ_s
-    is a product with a vector of ones (on CPU faster than sum(-1) over 16 entries). With `c`
-    (reorder_cpu, _c_loop's), one C loop walks the same chunks instead. Autograd casts each gradient to its
-    input's dtype."""
+    is a product with a vector of ones (on CPU faster than sum(-1) over 16 entries). With c_loop
+    (_c_loop's reorder_cpu), one C loop walks the same chunks instead. Autograd casts each gradient
+    to its input's dtype."""
 
     @staticmethod
     def forward(ctx, x_in, dt_in, A_in, B_in, C_in, D, chunk, c_loop):
@@ -545,7 +545,7 @@ def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
         dA = Σ_rows,t Δ_t q_t        dB_t = Σ_e g_t Δ_t x_t
         dC_t = Σ_e gy_t h_t          dD = Σ_rows,t gy_t x_t
     backend: "torch"; "triton", the fused kernels of reorder_triton.py (beside this file); "c",
-    the same chunks in one C loop (reorder_cpu.py, compiled at first use: 3-5x faster on CPU);
+    the same chunks in one C loop (reorder_cpu.py, compiled at first use: 3-4x faster on CPU);
     "auto", triton for CUDA tensors where it imports, c for CPU ones where it compiles, else
     torch. All refuse other shapes, dtypes or devices with the same one-line ValueError; with R,
     L, E or S = 0, y = D x (no state, no sum).

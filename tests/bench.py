@@ -292,7 +292,8 @@ def bench_mamba(args, device):
     with a free scan (free_scan); the bytes autograd saves for backward at ViT-Base."""
     from test_scan import scan_inputs
     threads = torch.get_num_threads()
-    backends = ["torch"] + ["c"] * (device.type == "cpu" and reorder._c_loop(torch.zeros(1)) is not None)
+    c_loop = device.type == "cpu" and reorder._c_loop(torch.zeros(1)) is not None
+    backends = ["torch"] + ["c"] * c_loop
     print(f"\n## the scan against its floor: forward + backward of reorder.selective_scan's "
           f"{' and '.join(backends)} paths, 4 cores, S = 16, median of >= 3 alternating runs, one "
           f"thread, CPU time")
