@@ -566,7 +566,10 @@ def test_ctrl_c_while_train_py_imports_is_one_line_and_status_130(tmp_path):
     done = subprocess.run([sys.executable, os.path.abspath(train.__file__), *TINY, "--out",
                            str(tmp_path / "run")], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(tmp_path),
-                               "PYTHONDONTWRITEBYTECODE": "1"}, timeout=300)
+                               "PYTHONDONTWRITEBYTECODE": "1"}, timeout=300,
+                          # Ctrl-C's default also where pytest runs with SIGINT ignored (started in
+                          # the background by a script), which Python would otherwise keep
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert done.returncode == 130 and "Traceback" not in done.stderr
     assert done.stderr.splitlines()[-1] == train.STOPPED and os.listdir(tmp_path) == ["tqdm.py"]
 
